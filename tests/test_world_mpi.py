@@ -1,0 +1,47 @@
+"""World set-up under real MPI: node-local ranks, threads, device, clock, abort."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+from mpi4py import MPI
+
+from aau_mpi.world import init_world
+
+
+@pytest.mark.mpi(min_size=2)
+def test_node_local_ranks_threads_and_device():
+    world = init_world()
+    comm = MPI.COMM_WORLD
+    assert (world.rank, world.size) == (comm.rank, comm.size)
+    # All test ranks run on this one machine.
+    assert world.local_size == comm.size and world.local_rank == comm.rank
+    node_cores = set().union(*comm.allgather(os.sched_getaffinity(0)))
+    assert world.cores_per_node == len(node_cores)
+    assert world.threads_per_rank() == max(1, world.cores_per_node // world.local_size)
+    assert world.set_torch_threads() == world.threads_per_rank()
+    import torch
+    assert torch.get_num_threads() == world.threads_per_rank()
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert world.device().type == expected
+    ticks = comm.allgather(world.clock())
+    assert all(0 <= t < 60 for t in ticks), "the clock counts from the common start"
+
+
+@pytest.mark.mpi(min_size=2)
+def test_an_error_on_one_rank_ends_the_whole_job():
+    """Run on rank 0 only: a child job whose rank 1 raises must end, not hang."""
+    if MPI.COMM_WORLD.rank != 0:
+        return
+    script = ("from aau_mpi.world import init_world, install_abort_hook\n"
+              "from aau_mpi.errors import UserError\n"
+              "w = init_world(); install_abort_hook()\n"
+              "if w.rank == 1: raise UserError('lr must be positive: set optim.lr > 0')\n"
+              "w.comm.Barrier()\n")
+    launcher = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+    done = subprocess.run([launcher, "-n", "2", sys.executable, "-c", script],
+                          capture_output=True, text=True, timeout=60, env=os.environ.copy())
+    assert done.returncode != 0
+    assert "[rank 1] error: lr must be positive: set optim.lr > 0" in done.stderr
+    assert "Traceback" not in done.stderr
