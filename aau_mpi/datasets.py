@@ -1,0 +1,447 @@
+"""Datasets by name, partitions of the training set over ranks, and shard loaders.
+
+Every rank loads the whole dataset, computes the same partition (it depends
+only on the labels and the seed, never on the rank) and trains on its own part
+through a ShardLoader. Nothing is ever downloaded: loaders read files that are
+already on disk and say where to get them when they are missing.
+"""
+
+import gzip
+import importlib.resources
+import math
+import pickle
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+
+from aau_mpi.errors import UserError
+from aau_mpi.registry import Registry
+
+DATASETS = Registry("dataset")
+PARTITIONS = Registry("partition scheme")
+
+MNIST_URL = "http://yann.lecun.com/exdb/mnist/"
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar.html"
+
+
+@dataclass
+class Dataset:
+    """Features as float32 tensors shaped (N, *input_shape); labels as int64 tensors."""
+
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    num_classes: int
+    input_shape: tuple
+    name: str
+
+
+def load_dataset(name, params=None):
+    """The Dataset that the loader registered as `name` returns for `params`."""
+    return DATASETS.build(name, params)
+
+
+# ---------------------------------------------------------------- validation
+
+def require_int(name, value, minimum):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise UserError(f"{name} must be an integer >= {minimum} (got {value!r}): "
+                        f"set {name} to an integer >= {minimum}")
+    return int(value)
+
+
+def require_number(name, value, minimum, *, inclusive=True):
+    ok = (isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+          and math.isfinite(value) and (value >= minimum if inclusive else value > minimum))
+    if not ok:
+        bound = f"{'>=' if inclusive else '>'} {minimum:g}"
+        raise UserError(f"{name} must be a number {bound} (got {value!r}): "
+                        f"set {name} to a number {bound}")
+    return float(value)
+
+
+def require_fraction(name, value):
+    if require_number(name, value, 0.0, inclusive=False) >= 1.0:
+        raise UserError(f"{name} must be strictly between 0 and 1 (got {value!r}): "
+                        f"set {name} to e.g. 0.2")
+    return float(value)
+
+
+def split_train_test(labels, test_fraction, seed):
+    """Seeded stratified split: each class gives round(test_fraction * its size) test samples."""
+    rng = np.random.default_rng(seed)
+    shuffled_classes = [rng.permutation(np.flatnonzero(labels == label))
+                        for label in np.unique(labels)]
+    test = np.sort(np.concatenate([members[:round(test_fraction * len(members))]
+                                   for members in shuffled_classes]))
+    train = np.setdiff1d(np.arange(len(labels)), test)
+    if len(train) == 0 or len(test) == 0:
+        raise UserError(f"test_fraction={test_fraction} leaves an empty train or test set "
+                        f"for {len(labels)} samples: choose a test_fraction nearer 0.2")
+    return train, test
+
+
+def dataset_from_arrays(name, x, y, train, test, num_classes):
+    """A Dataset from numpy features/labels and the train/test index arrays."""
+    x = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    y = torch.from_numpy(np.asarray(y, dtype=np.int64))
+    train, test = torch.from_numpy(train), torch.from_numpy(test)
+    return Dataset(x[train], y[train], x[test], y[test], int(num_classes),
+                   tuple(x.shape[1:]), name)
+
+
+# ------------------------------------------------------------------- loaders
+
+@DATASETS.register("synthetic")
+def load_synthetic(*, samples=6000, features=32, classes=10, separation=4.0,
+                   noise=1.0, test_fraction=0.2, seed=0):
+    """Gaussian clusters: one mean per class plus isotropic noise, shape (N, features).
+
+    The class means are random, rescaled so that the root-mean-square distance
+    between two class means is `separation`; the noise has standard deviation
+    `noise` per feature. Lower separation (or higher noise) = harder.
+    """
+    samples = require_int("samples", samples, 2)
+    features = require_int("features", features, 1)
+    classes = require_int("classes", classes, 2)
+    separation = require_number("separation", separation, 0.0)
+    noise = require_number("noise", noise, 0.0)
+    test_fraction = require_fraction("test_fraction", test_fraction)
+    rng = np.random.default_rng(seed)
+    means = rng.standard_normal((classes, features))
+    pairwise = np.linalg.norm(means[:, None] - means[None], axis=-1)
+    rms_distance = np.sqrt((pairwise ** 2).sum() / (classes * (classes - 1)))
+    means *= separation / rms_distance
+    labels = rng.permutation(np.arange(samples) % classes)  # balanced classes
+    x = means[labels] + noise * rng.standard_normal((samples, features))
+    train, test = split_train_test(labels, test_fraction, seed)
+    return dataset_from_arrays("synthetic", x, labels, train, test, classes)
+
+
+@DATASETS.register("digits")
+def load_digits(*, test_fraction=0.2, seed=0):
+    """The 1797 8x8 handwritten digits shipped in aau_mpi/data, shape (N, 1, 8, 8) in [0, 1]."""
+    test_fraction = require_fraction("test_fraction", test_fraction)
+    resource = importlib.resources.files("aau_mpi") / "data" / "digits.csv.gz"
+    with resource.open("rb") as compressed, gzip.open(compressed, "rt") as text:
+        table = np.loadtxt(text, delimiter=",", dtype=np.float32)
+    x = table[:, :64].reshape(-1, 1, 8, 8) / 16.0  # pixels count set bits in 4x4 blocks: 0..16
+    labels = table[:, 64].astype(np.int64)
+    train, test = split_train_test(labels, test_fraction, seed)
+    return dataset_from_arrays("digits", x, labels, train, test, 10)
+
+
+def absolute(path):
+    return Path(path).expanduser().absolute()
+
+
+def read_idx(path, ndims):
+    """The uint8 array stored in IDX file `path` (plain or .gz) with `ndims` dimensions."""
+    refetch = f"re-download it from {MNIST_URL}"
+    try:
+        with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as stream:
+            raw = stream.read()
+    except (OSError, EOFError) as err:  # bad or truncated gzip stream
+        raise UserError(f"cannot read IDX file {path} ({err}): {refetch}") from None
+    header_size = 4 + 4 * ndims
+    if len(raw) < header_size:
+        raise UserError(f"IDX file {path} is truncated ({len(raw)} bytes, "
+                        f"shorter than its header): {refetch}")
+    magic = int.from_bytes(raw[:4], "big")
+    expected_magic = 0x0800 + ndims  # unsigned bytes, ndims dimensions
+    if magic != expected_magic:
+        raise UserError(f"IDX file {path} has magic number 0x{magic:08x}, expected "
+                        f"0x{expected_magic:08x}: it is corrupt or the wrong file; {refetch}")
+    shape = struct.unpack(f">{ndims}I", raw[4:header_size])
+    if len(raw) - header_size != math.prod(shape):
+        raise UserError(f"IDX file {path} is truncated or corrupt: its header promises "
+                        f"{math.prod(shape)} values {shape}, it holds {len(raw) - header_size}; "
+                        f"{refetch}")
+    return np.frombuffer(raw, np.uint8, offset=header_size).reshape(shape)
+
+
+def find_mnist_file(root, name):
+    for candidate in (root / name, root / f"{name}.gz"):
+        if candidate.is_file():
+            return candidate
+    raise UserError(f"MNIST file {root / name} (or .gz) not found: download the four IDX "
+                    f"files from {MNIST_URL} into {root} (nothing is downloaded at run time)")
+
+
+def read_mnist_split(root, prefix):
+    """(images (N, 1, rows, cols) in [0, 1], labels) from root/<prefix>-{images,labels}-*."""
+    images_path = find_mnist_file(root, f"{prefix}-images-idx3-ubyte")
+    labels_path = find_mnist_file(root, f"{prefix}-labels-idx1-ubyte")
+    images, labels = read_idx(images_path, 3), read_idx(labels_path, 1)
+    if len(images) != len(labels):
+        raise UserError(f"{images_path} holds {len(images)} images but {labels_path} "
+                        f"holds {len(labels)} labels: re-download both from {MNIST_URL}")
+    if labels.max(initial=0) > 9:
+        raise UserError(f"{labels_path} holds label {labels.max()} outside 0..9: "
+                        f"re-download it from {MNIST_URL}")
+    x = torch.from_numpy(images.astype(np.float32)).div_(255).unsqueeze(1)
+    return x, torch.from_numpy(labels.astype(np.int64))
+
+
+@DATASETS.register("mnist")
+def load_mnist(*, root):
+    """MNIST from the four IDX files (plain or .gz) in `root`, shape (N, 1, 28, 28) in [0, 1]."""
+    root = absolute(root)
+    x_train, y_train = read_mnist_split(root, "train")
+    x_test, y_test = read_mnist_split(root, "t10k")
+    return Dataset(x_train, y_train, x_test, y_test, 10, tuple(x_train.shape[1:]), "mnist")
+
+
+class NumpyOnlyUnpickler(pickle.Unpickler):
+    """Unpickles plain containers and numpy arrays only: a data file cannot run code."""
+
+    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+               ("numpy.core.multiarray", "_reconstruct"),
+               ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer")}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+        return super().find_class(module, name)
+
+
+def read_cifar_batch(path):
+    """(uint8 images (N, 3, 32, 32), int64 labels (N,)) from one CIFAR-10 pickle batch."""
+    refetch = f"re-download cifar-10-python.tar.gz from {CIFAR10_URL}"
+    try:
+        with open(path, "rb") as stream:
+            batch = NumpyOnlyUnpickler(stream, encoding="bytes").load()
+        data = np.asarray(batch[b"data"], dtype=np.uint8)
+        labels = np.asarray(batch[b"labels"], dtype=np.int64)
+    except Exception as err:  # any unpickling failure means a damaged file
+        raise UserError(f"cannot read CIFAR-10 batch {path} ({type(err).__name__}: {err}): "
+                        f"{refetch}") from None
+    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(labels) != len(data):
+        raise UserError(f"CIFAR-10 batch {path} holds data {data.shape} and {len(labels)} "
+                        f"labels, expected (N, 3072) and N: {refetch}")
+    if labels.size and (labels.min() < 0 or labels.max() > 9):
+        raise UserError(f"CIFAR-10 batch {path} holds labels outside 0..9: {refetch}")
+    return data.reshape(-1, 3, 32, 32), labels
+
+
+@DATASETS.register("cifar10")
+def load_cifar10(*, root):
+    """CIFAR-10 from the python batches in `root` (or root/cifar-10-batches-py).
+
+    Shape (N, 3, 32, 32): scaled to [0, 1], then normalised per channel with
+    the training set's mean and standard deviation.
+    """
+    root = absolute(root)
+    folder = next((candidate for candidate in (root, root / "cifar-10-batches-py")
+                   if (candidate / "data_batch_1").is_file()), None)
+    if folder is None:
+        raise UserError(f"CIFAR-10 batches not found in {root} or {root / 'cifar-10-batches-py'}: "
+                        f"download and extract cifar-10-python.tar.gz from {CIFAR10_URL} "
+                        f"into {root} (nothing is downloaded at run time)")
+    batches = []
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        if not (folder / name).is_file():
+            raise UserError(f"CIFAR-10 batch {folder / name} not found: extract all of "
+                            f"cifar-10-python.tar.gz from {CIFAR10_URL} into {root}")
+        batches.append(read_cifar_batch(folder / name))
+    x = torch.from_numpy(np.concatenate([images for images, _ in batches])).float().div_(255)
+    y = torch.from_numpy(np.concatenate([labels for _, labels in batches]))
+    train_size = sum(len(labels) for _, labels in batches[:5])
+    x_train, x_test = x[:train_size], x[train_size:]
+    mean = x_train.mean(dim=(0, 2, 3), keepdim=True)
+    std = x_train.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
+    x.sub_(mean).div_(std)  # x_train and x_test are views of x
+    return Dataset(x_train, y[:train_size], x_test, y[train_size:], 10, (3, 32, 32), "cifar10")
+
+
+@DATASETS.register("hdf5")
+def load_hdf5(*, path, test_fraction=0.2, seed=0):
+    """Features 'X' and integer labels 'y' from an HDF5 file, as stored (cast to float32).
+
+    The test set is 'X_test'/'y_test' when the file has them, else a seeded
+    stratified split of test_fraction of the samples.
+    """
+    path = absolute(path)
+    if not path.is_file():
+        raise UserError(f"HDF5 file {path} not found: set path to an HDF5 file holding "
+                        f"datasets 'X' and 'y' (nothing is downloaded at run time)")
+    try:
+        with h5py.File(path, "r") as file:
+            names = sorted(file.keys())
+            arrays = {name: file[name][()] for name in ("X", "y", "X_test", "y_test")
+                      if name in file and isinstance(file[name], h5py.Dataset)}
+    except OSError as err:
+        raise UserError(f"cannot read {path} as HDF5 ({err}): "
+                        f"point path at a valid HDF5 file") from None
+    for name in ("X", "y"):
+        if name not in arrays:
+            raise UserError(f"HDF5 file {path} has no dataset {name!r} (found: "
+                            f"{', '.join(names) or 'nothing'}): store features as 'X' "
+                            f"and integer labels as 'y'")
+    if ("X_test" in arrays) != ("y_test" in arrays):
+        raise UserError(f"HDF5 file {path} has only one of 'X_test' and 'y_test': "
+                        f"store both or neither")
+    pairs = [("X", "y")] + ([("X_test", "y_test")] if "X_test" in arrays else [])
+    for x_name, y_name in pairs:
+        x, y = arrays[x_name], arrays[y_name]
+        if x.ndim == 0 or y.ndim != 1 or len(x) != len(y):
+            raise UserError(f"HDF5 file {path}: {x_name!r} has shape {x.shape} and {y_name!r} "
+                            f"has shape {y.shape}: store one label per sample ('{y_name}' 1-D, "
+                            f"same length as '{x_name}')")
+        if not np.issubdtype(y.dtype, np.number) or np.any(y < 0) or np.any(y != np.round(y)):
+            raise UserError(f"HDF5 file {path}: {y_name!r} must hold class indices 0, 1, ...: "
+                            f"store integer labels")
+    if "X_test" in arrays and arrays["X_test"].shape[1:] != arrays["X"].shape[1:]:
+        raise UserError(f"HDF5 file {path}: 'X_test' samples have shape "
+                        f"{arrays['X_test'].shape[1:]}, 'X' samples {arrays['X'].shape[1:]}: "
+                        f"store both with the same per-sample shape")
+    x = arrays["X"].reshape(len(arrays["X"]), -1) if arrays["X"].ndim == 1 else arrays["X"]
+    y = arrays["y"].astype(np.int64)
+    if "X_test" in arrays:
+        x_test = arrays["X_test"].reshape(len(arrays["X_test"]), *x.shape[1:])
+        train = np.arange(len(y))
+        test = np.arange(len(y), len(y) + len(x_test))
+        x = np.concatenate([x, x_test])
+        y = np.concatenate([y, arrays["y_test"].astype(np.int64)])
+    else:
+        train, test = split_train_test(y, require_fraction("test_fraction", test_fraction), seed)
+    return dataset_from_arrays("hdf5", x, y, train, test, y.max() + 1)
+
+
+# ---------------------------------------------------------------- partitions
+
+def partition(labels, num_parts, scheme="iid", *, seed=0, **params):
+    """Split sample indices 0..N-1 into `num_parts` disjoint, non-empty, covering parts.
+
+    Schemes (PARTITIONS): 'iid' (shuffle, near-equal sizes); 'dirichlet'
+    (alpha=0.5: each class's samples split over the parts by proportions drawn
+    from Dirichlet(alpha); smaller alpha = more skewed); 'shards'
+    (classes_per_part=2: sort by class, cut into num_parts * classes_per_part
+    shards, deal classes_per_part shards to each part).
+
+    The result depends only on the labels, the scheme, its params and the seed,
+    so every rank computes the same partition and takes parts[rank].
+    Returns a list of sorted int64 index arrays.
+    """
+    labels = np.asarray(labels)
+    if labels.ndim != 1:
+        raise UserError(f"partition needs a 1-D label array, got shape {labels.shape}: "
+                        f"pass the training labels")
+    num_parts = require_int("num_parts", num_parts, 1)
+    if len(labels) < num_parts:
+        raise UserError(f"cannot split {len(labels)} samples into {num_parts} non-empty "
+                        f"parts: use fewer ranks or a larger dataset")
+    rng = np.random.default_rng(seed)
+    parts = PARTITIONS.build(scheme, params, labels, num_parts, rng)
+    return [np.sort(part).astype(np.int64) for part in parts]
+
+
+@PARTITIONS.register("iid")
+def partition_iid(labels, num_parts, rng):
+    return np.array_split(rng.permutation(len(labels)), num_parts)
+
+
+@PARTITIONS.register("dirichlet")
+def partition_dirichlet(labels, num_parts, rng, alpha=0.5):
+    alpha = require_number("alpha", alpha, 0.0, inclusive=False)
+    parts = [[] for _ in range(num_parts)]
+    for label in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == label))
+        proportions = rng.dirichlet(np.full(num_parts, alpha))
+        cuts = (np.cumsum(proportions)[:-1] * len(members)).astype(int)
+        for part, piece in zip(parts, np.split(members, cuts)):
+            part.append(piece)
+    parts = [np.concatenate(pieces) for pieces in parts]
+    # Small alpha leaves some parts empty: give each one sample from the largest part.
+    for empty in [i for i, part in enumerate(parts) if len(part) == 0]:
+        largest = max(range(num_parts), key=lambda i: len(parts[i]))
+        parts[empty], parts[largest] = parts[largest][-1:], parts[largest][:-1]
+    return parts
+
+
+@PARTITIONS.register("shards")
+def partition_shards(labels, num_parts, rng, classes_per_part=2):
+    classes_per_part = require_int("classes_per_part", classes_per_part, 1)
+    num_shards = num_parts * classes_per_part
+    if len(labels) < num_shards:
+        raise UserError(f"cannot cut {len(labels)} samples into {num_shards} shards "
+                        f"({num_parts} parts x classes_per_part={classes_per_part}): "
+                        f"lower classes_per_part or use fewer ranks")
+    shuffled = rng.permutation(len(labels))  # random order within each class
+    by_class = shuffled[np.argsort(labels[shuffled], kind="stable")]
+    shards = np.array_split(by_class, num_shards)
+    dealt = rng.permutation(num_shards).reshape(num_parts, classes_per_part)
+    return [np.concatenate([shards[s] for s in shard_ids]) for shard_ids in dealt]
+
+
+# ------------------------------------------------------------- shard loader
+
+class ShardLoader:
+    """An endless stream of seeded mini-batches over one rank's shard.
+
+    Each epoch visits the shard in a fresh permutation drawn from (seed, epoch),
+    so the position {seed, epoch, offset} is the whole state: state_dict() /
+    load_state_dict() resume the exact same batch sequence. A batch that runs
+    past the end of an epoch continues into the next one, so every batch has
+    batch_size samples (even when the shard is smaller than a batch).
+    """
+
+    def __init__(self, x, y, batch_size, *, seed=0):
+        if len(x) != len(y) or len(x) == 0:
+            raise UserError(f"shard has {len(x)} samples and {len(y)} labels: "
+                            f"give every rank a non-empty part")
+        self.x, self.y = x, y
+        self.size = len(x)
+        self.batch_size = require_int("batch_size", batch_size, 1)
+        self.seed = int(seed)
+        self.epoch, self.offset = 0, 0
+        self._order, self._order_epoch = None, None
+
+    def _epoch_order(self):
+        if self._order_epoch != self.epoch:
+            order = np.random.default_rng([self.seed, self.epoch]).permutation(self.size)
+            self._order = torch.from_numpy(order).to(self.x.device)
+            self._order_epoch = self.epoch
+        return self._order
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        pieces, needed = [], self.batch_size
+        while needed:
+            if self.offset == self.size:
+                self.epoch, self.offset = self.epoch + 1, 0
+            take = min(needed, self.size - self.offset)
+            pieces.append(self._epoch_order()[self.offset:self.offset + take])
+            self.offset += take
+            needed -= take
+        batch = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+        return self.x[batch], self.y[batch]
+
+    def state_dict(self):
+        return {"seed": self.seed, "epoch": self.epoch, "offset": self.offset,
+                "size": self.size}
+
+    def load_state_dict(self, state):
+        if int(state["size"]) != self.size:
+            raise UserError(f"loader state is for a shard of {int(state['size'])} samples, "
+                            f"this shard has {self.size}: resume with the same dataset, "
+                            f"partition and number of ranks")
+        self.seed, self.epoch, self.offset = (int(state[key])
+                                              for key in ("seed", "epoch", "offset"))
+
+
+def shard_loader(x, y, indices, batch_size, *, seed=0):
+    """A ShardLoader over samples x[indices], y[indices] (gathered once).
+
+    Give each rank its own seed (e.g. seed + rank) so that ranks shuffle differently.
+    """
+    indices = torch.as_tensor(np.asarray(indices), dtype=torch.int64, device=x.device)
+    return ShardLoader(x[indices], y[indices], batch_size, seed=seed)
