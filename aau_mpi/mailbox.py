@@ -17,7 +17,7 @@ Slot s = (index of the sender in the owner's sorted in-neighbour list)
          * slots_per_neighbour + (iteration mod slots_per_neighbour).
 The table and each payload start on a 64-byte boundary.
 
-Header record (see `header_dtype`):
+Header record (`aau_mpi.header.header_dtype`):
 
     version    int64   seqlock word: odd while a deposit is being written
     seq        int64   deposits this sender has made into this slot
@@ -55,32 +55,9 @@ import numpy as np
 from mpi4py import MPI
 
 from aau_mpi.errors import UserError
+from aau_mpi.header import LAYOUT_VERSION, header_dtype
 
-LAYOUT_VERSION = 1
 ALIGN = 64
-
-
-def header_dtype(world_size):
-    """The header record for a job of `world_size` ranks."""
-    reach_words = max(1, -(-world_size // 64))
-    return np.dtype([
-        ("version", "<i8"),
-        ("seq", "<i8"),
-        ("iteration", "<i8"),
-        ("time", "<f8"),
-        ("done", "<i8"),
-        ("weight", "<f8"),
-        ("epoch", "<i8"),
-        ("reach", "<u8", (reach_words,)),
-    ])
-
-
-def empty_headers(num_neighbours, slots_per_neighbour, world_size):
-    """A zeroed header snapshot of the shape `Mailbox.headers` returns.
-
-    For building synthetic snapshots (policy unit tests, simulations).
-    """
-    return np.zeros((num_neighbours, slots_per_neighbour), dtype=header_dtype(world_size))
 
 
 def _aligned(nbytes):
@@ -167,8 +144,12 @@ class Mailbox:
         """
         sizes = self.comm.allgather(self.payload_size)
         outs = self.comm.allgather(self.out_neighbours)
+        layouts = self.comm.allgather(LAYOUT_VERSION)
         problem = None
-        if min(sizes) != max(sizes) or min(sizes) < 1:
+        if min(layouts) != max(layouts):
+            problem = (f"ranks use different mailbox layouts (versions {sorted(set(layouts))}): "
+                       f"install the same aau_mpi version on every node")
+        elif min(sizes) != max(sizes) or min(sizes) < 1:
             problem = (f"mailbox payload sizes differ between ranks or are empty "
                        f"({min(sizes)}..{max(sizes)} floats): every rank must build "
                        f"the same model")

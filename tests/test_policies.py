@@ -1,0 +1,203 @@
+"""Policies as pure decision logic: synthetic header snapshots, a fake clock, no MPI."""
+
+import numpy as np
+import pytest
+
+from aau_mpi.errors import UserError
+from aau_mpi.header import empty_headers
+from aau_mpi.policies import build_policy
+from aau_mpi.topology import generate
+
+RING = generate("ring", 4)          # rank 0 reads from ranks 1 and 3
+STAR = generate("star", 5)          # rank 0 (the hub) reads from ranks 1..4
+
+
+def snapshot(graph, rank, slots=1, **fields):
+    """Headers for `rank`'s in-neighbours; fields given as {name: [per neighbour]}."""
+    headers = empty_headers(len(graph.in_neighbours(rank)), slots, graph.n)
+    for name, values in fields.items():
+        headers[name][:, 0] = values
+    return headers
+
+
+def deposit(headers, j, time, iteration=None, slot=0, seen_by=None):
+    """Neighbour j makes one more deposit into `slot` at `time`.
+
+    `seen_by`: a policy that polls between deposits (so it measures intervals).
+    """
+    headers["seq"][j, slot] += 1
+    headers["time"][j, slot] = time
+    headers["iteration"][j, slot] = headers["seq"][j, slot] if iteration is None else iteration
+    if seen_by is not None:
+        seen_by.observe(headers)
+
+
+def use(policy, headers, selection, k):
+    policy.mixed([(j, s, headers[j, s]) for j, s in selection.slots], k)
+
+
+# ---- aau -------------------------------------------------------------------
+
+def test_aau_with_gamma_zero_returns_at_once_when_one_neighbour_is_fresh():
+    aau = build_policy("aau", STAR, 0)
+    headers = snapshot(STAR, 0)
+    assert aau.select(headers, 0, now=0.0) is None, "rule 1: wait for one fresh neighbour"
+    deposit(headers, 2, time=0.1)
+    selection = aau.select(headers, 0, now=0.1)
+    assert selection.slots == [(2, 0)]
+    assert selection.weights == [0.5] and selection.self_weight == 0.5
+
+
+def test_aau_waits_for_a_neighbour_whose_staleness_reached_tau():
+    aau = build_policy("aau", STAR, 0, {"tau": 3})
+    headers = snapshot(STAR, 0)
+    for k in range(3):  # neighbours 1..3 fast and used each iteration; 0 never deposits
+        for j in (1, 2, 3):
+            deposit(headers, j, time=k + 0.5)
+        selection = aau.select(headers, k, now=k + 0.5)
+        assert selection is not None and (0, 0) not in selection.slots
+        use(aau, headers, selection, k)
+    for j in (1, 2, 3):
+        deposit(headers, j, time=3.5)
+    assert aau.select(headers, 3, now=3.5) is None, "neighbour 0 unused for tau iterations"
+    deposit(headers, 0, time=3.9)
+    selection = aau.select(headers, 3, now=3.9)
+    assert (0, 0) in selection.slots and len(selection.slots) == 4
+
+
+def test_aau_never_waits_for_a_done_neighbour():
+    aau = build_policy("aau", STAR, 0, {"tau": 1})
+    headers = snapshot(STAR, 0, done=[1, 0, 1, 1])
+    assert aau.select(headers, 5, now=1.0) is None, "the live neighbour is overdue"
+    deposit(headers, 1, time=1.1)
+    assert aau.select(headers, 5, now=1.1).slots == [(1, 0)]
+    headers["done"][1, 0] = 1
+    all_done = aau.select(headers, 6, now=1.2)
+    assert all_done is not None, "every neighbour done: continue alone"
+
+
+def test_aau_waits_within_its_budget_for_a_neighbour_predicted_to_arrive():
+    aau = build_policy("aau", RING, 0, {"gamma": 0.5})
+    aau.computed(1.0)  # own compute takes 1 s: budget 0.5 s
+    headers = snapshot(RING, 0)
+    # Rank 1 (neighbour 0) deposits at 0, 1, 2: next due at 3.0.
+    for t0, t1 in ((0.0, 0.7), (1.0, 1.7), (2.0, None)):
+        deposit(headers, 0, time=t0, seen_by=aau)
+        if t1 is not None:
+            deposit(headers, 1, time=t1, seen_by=aau)
+    use(aau, headers, aau.uniform([0, 1]), 0)
+    deposit(headers, 1, time=2.7, seen_by=aau)  # rank 3 fresh at 2.7
+    assert aau.select(headers, 1, now=2.7) is None, "rank 1 is due at 3.0, within the budget"
+    assert aau.select(headers, 1, now=2.9) is None
+    deposit(headers, 0, time=3.0, seen_by=aau)
+    assert sorted(aau.select(headers, 1, now=3.0).slots) == [(0, 0), (1, 0)]
+
+
+def test_aau_skips_a_neighbour_predicted_beyond_its_budget():
+    aau = build_policy("aau", RING, 0, {"gamma": 0.5})
+    aau.computed(1.0)
+    headers = snapshot(RING, 0)
+    for t in (0.0, 10.0):
+        deposit(headers, 1, time=t, seen_by=aau)  # rank 3: every 10 s, next due at 20
+    for t in (9.0, 10.0, 11.0):
+        deposit(headers, 0, time=t, seen_by=aau)  # rank 1: every second
+    use(aau, headers, aau.uniform([0, 1]), 0)
+    deposit(headers, 0, time=12.0, seen_by=aau)
+    assert aau.select(headers, 1, now=12.0).slots == [(0, 0)], "rank 3 is not due within 0.5 s"
+
+
+def test_aau_budget_bounds_the_total_wait():
+    aau = build_policy("aau", RING, 0, {"gamma": 0.5})
+    aau.computed(1.0)
+    headers = snapshot(RING, 0)
+    for t in (0.0, 1.0):
+        deposit(headers, 0, time=t, seen_by=aau)
+        deposit(headers, 1, time=t, seen_by=aau)
+    use(aau, headers, aau.uniform([0, 1]), 0)
+    deposit(headers, 0, time=1.9, seen_by=aau)  # rank 3 is due at 2.0 but never comes
+    assert aau.select(headers, 1, now=1.9) is None
+    assert aau.select(headers, 1, now=2.3) is None
+    assert aau.select(headers, 1, now=2.41).slots == [(0, 0)], "the 0.5 s budget from 1.9 is spent"
+
+
+@pytest.mark.parametrize("own,neighbours,expected", [
+    (0.1, [0.1, 0.1], 1.0),      # as fast as the others: plain step
+    (0.3, [0.1, 0.1], 3.0),      # 3x slower: 3x step
+    (1.0, [0.1, 0.1], 4.0),      # 10x slower: clipped at c = 4
+    (0.05, [0.1, 0.1], 1.0),     # faster than the others: never below 1
+    (0.3, [0.1, 0.2], 2.0),      # median of the neighbours' intervals
+])
+def test_aau_step_scale_is_clip_of_own_over_median_interval(own, neighbours, expected):
+    aau = build_policy("aau", RING, 0)
+    aau.deposited(0.0)
+    aau.deposited(own)
+    headers = snapshot(RING, 0)
+    for j, interval in enumerate(neighbours):
+        deposit(headers, j, time=0.0, seen_by=aau)
+        deposit(headers, j, time=interval, seen_by=aau)
+    assert aau.step_scale() == pytest.approx(expected)
+    assert build_policy("aau", RING, 0, {"rate_scaled": False}).step_scale() == 1.0
+
+
+# ---- baselines -----------------------------------------------------------
+
+def test_dpsgd_waits_for_every_live_neighbour_at_iteration_k_by_parity():
+    dpsgd = build_policy("dpsgd", RING, 0)
+    headers = empty_headers(2, 2, 4)
+    deposit(headers, 0, time=0.0, iteration=0, slot=0)
+    assert dpsgd.select(headers, 0, now=0.0) is None
+    deposit(headers, 1, time=0.0, iteration=0, slot=0)
+    deposit(headers, 0, time=0.1, iteration=1, slot=1)  # a neighbour already at k+1
+    selection = dpsgd.select(headers, 0, now=0.1)
+    assert selection.slots == [(0, 0), (1, 0)]
+    assert selection.weights == pytest.approx([1 / 3, 1 / 3])  # Metropolis-Hastings on a ring
+    assert selection.self_weight == pytest.approx(1 / 3)
+    use(dpsgd, headers, selection, 0)
+    assert dpsgd.select(headers, 1, now=0.2) is None, "rank 3's iteration 1 is missing"
+    headers["done"][1, 0] = 1
+    selection = dpsgd.select(headers, 1, now=0.2)
+    assert selection.slots == [(0, 1)] and selection.self_weight == pytest.approx(2 / 3)
+
+
+def test_async_never_waits_and_mixes_latest_deposits_uniformly():
+    policy = build_policy("async", STAR, 0)
+    headers = snapshot(STAR, 0)
+    assert policy.select(headers, 0, now=0.0).slots == []
+    deposit(headers, 1, time=0.0)
+    deposit(headers, 3, time=0.0)
+    first = policy.select(headers, 0, now=0.0)
+    use(policy, headers, first, 0)
+    again = policy.select(headers, 1, now=0.0)  # nothing fresh: stale copies still mixed
+    assert again.slots == [(1, 0), (3, 0)] and again.weights == [1 / 3, 1 / 3]
+
+
+def test_async_one_picks_one_deposited_neighbour_with_weight_half():
+    policy = build_policy("async_one", STAR, 0, {"seed": 3})
+    headers = snapshot(STAR, 0)
+    deposit(headers, 0, time=0.0)
+    deposit(headers, 2, time=0.0)
+    picks = {policy.select(headers, k, now=0.0).slots[0] for k in range(50)}
+    assert picks == {(0, 0), (2, 0)}
+    assert policy.select(headers, 0, now=0.0).weights == [0.5]
+
+
+def test_fixed_k_waits_for_the_first_k_fresh_neighbours():
+    policy = build_policy("fixed_k", STAR, 0, {"k": 2})
+    headers = snapshot(STAR, 0)
+    deposit(headers, 3, time=0.3)
+    assert policy.select(headers, 0, now=0.3) is None
+    deposit(headers, 1, time=0.2)
+    deposit(headers, 0, time=0.4)
+    selection = policy.select(headers, 0, now=0.4)
+    assert selection.slots == [(1, 0), (3, 0)], "the two that deposited first"
+    use(policy, headers, policy.uniform([0, 1, 3]), 0)
+    headers["done"][:3, 0] = 1  # one live neighbour left: k is capped at 1
+    deposit(headers, 3, time=0.5)
+    assert policy.select(headers, 1, now=0.5).slots == [(3, 0)]
+
+
+def test_unknown_policy_or_parameter_is_a_one_line_user_error():
+    with pytest.raises(UserError, match="did you mean 'aau'"):
+        build_policy("aua", RING, 0)
+    with pytest.raises(UserError, match="did you mean 'tau'"):
+        build_policy("aau", RING, 0, {"taus": 3})
