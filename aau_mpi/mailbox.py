@@ -75,9 +75,6 @@ class Backoff:
         self.first, self.cap = first, cap
         self.delay = 0.0
 
-    def reset(self):
-        self.delay = 0.0
-
     def wait(self):
         self.delay = min(self.cap, max(self.first, 2 * self.delay))
         time.sleep(self.delay)

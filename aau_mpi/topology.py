@@ -335,11 +335,6 @@ def erdos_renyi(n, p=0.5, seed=0):
     return _connected_draw(draw, name, "use a larger p or another seed")
 
 
-def generator_params(name):
-    """Parameter names the generator `name` takes (besides n)."""
-    return GENERATORS.params(name)[1:]
-
-
 def generate(name, n, params=None):
     """The graph from generator `name` for n ranks, params checked by name."""
     return GENERATORS.build(name, params, _check_int(n, "the world size n", 1))
