@@ -4,7 +4,8 @@
 
 An MLP learns the bundled handwritten digits. Each rank holds a non-IID shard
 (Dirichlet 0.3 over classes) and trains on a ring, and rank 1 is made
-`--slowdown` times slower (it sleeps after each step). Every policy gets the
+`--slowdown` times slower (the `fixed` straggler model: it sleeps after
+each step). Every policy gets the
 same global sample budget, seed and learning rate. Rank 0 prints, per policy:
 wall-clock time, the averaged model's test accuracy, iterations per rank,
 neighbours averaged per iteration and the share of time spent waiting.
@@ -24,6 +25,7 @@ from aau_mpi.datasets import load_dataset, partition, shard_loader
 from aau_mpi.engine import Engine, StopRule
 from aau_mpi.models import FlatParameters, build_model
 from aau_mpi.policies import build_policy
+from aau_mpi.stragglers import build_straggler, slow_down
 from aau_mpi.topology import generate
 from aau_mpi.world import init_world, install_abort_hook
 
@@ -37,15 +39,15 @@ def train(world, policy_name, data, shard, args):
     graph = generate("ring", world.size)
     policy = build_policy(policy_name, graph, world.rank)
     engine = Engine(world.comm, graph, policy, params.host_view(), world.clock)
-    slow = world.rank == args.slow_rank
+    straggler = build_straggler("fixed", world.rank, world.size,
+                                {"ranks": [args.slow_rank], "slowdown": args.slowdown})
 
     def compute():
         started = time.perf_counter()
         x, y = next(batches)
         params.zero_grad()
         F.cross_entropy(model(x), y).backward()
-        if slow:
-            time.sleep((args.slowdown - 1) * (time.perf_counter() - started))
+        slow_down(straggler, time.perf_counter() - started, world.clock())
         return params.flat_grad.numpy()
 
     def apply_step(g, scale):

@@ -14,6 +14,7 @@ from mpi4py import MPI
 
 from aau_mpi.engine import Engine, StopRule
 from aau_mpi.policies import build_policy
+from aau_mpi.stragglers import build_straggler, slow_down
 from aau_mpi.topology import generate
 
 comm = MPI.COMM_WORLD
@@ -48,12 +49,16 @@ def train(policy_name, stop, lr, params=None, slow_rank=None, slowdown=1.0, topo
     policy = build_policy(policy_name, graph, comm.rank, params)
     engine = Engine(comm, graph, policy, x)
     records = []
+    straggler = build_straggler("fixed" if slow_rank is not None else "none", comm.rank,
+                                comm.size, {"ranks": [slow_rank], "slowdown": slowdown}
+                                if slow_rank is not None else None)
 
     def compute():
         started = time.perf_counter()
         g = gradient(a, b, x)
-        if comm.rank == slow_rank:  # a straggler: sleep (r - 1) x the step's compute
-            time.sleep(max((slowdown - 1) * (time.perf_counter() - started), 0.0005 * (slowdown - 1)))
+        # The gradient takes microseconds; count a step as at least 0.5 ms so
+        # that the straggler's sleep outweighs the loop's own overheads.
+        slow_down(straggler, max(time.perf_counter() - started, 0.0005), MPI.Wtime())
         return g
 
     def apply_step(g, scale):

@@ -1,0 +1,201 @@
+"""Straggler models: make chosen ranks slower, reproducibly (spec section 5).
+
+A model's `delay(step_seconds, now)` returns the extra seconds this rank should
+sleep after a step whose compute took `step_seconds`, at job time `now`
+(seconds since the job start). `delay` never sleeps; `slow_down` is the one
+place that does (time.sleep costs no CPU). Every model has a one-line
+`describe()` for logs.
+
+Models (build with `build_straggler(name, rank, world_size, params)`):
+  none      never delays.
+  fixed     ranks=[1], slowdown=4.0: listed ranks sleep (slowdown-1) x step.
+  random    probability=0.1, distribution="exponential"|"pareto", scale=0.01,
+            shape=2.0, seed=0, ranks=None (all): each step, with probability p,
+            an extra delay ~ Exp(mean=scale) or rng.pareto(shape) * scale. The
+            RNG is seeded by (seed, rank), so each rank draws its own
+            reproducible sequence (one draw sequence per call of `delay`).
+  shifting  count=1, slowdown=4.0, period=10.0, seed=0: the slow set changes
+            every `period` seconds; the set of window floor(now/period) comes
+            from an RNG keyed by (seed, window), so all ranks agree without
+            communicating.
+"""
+
+import math
+import time
+
+import numpy as np
+
+from aau_mpi.errors import UserError
+from aau_mpi.registry import Registry
+
+STRAGGLERS = Registry("straggler model")
+
+DISTRIBUTIONS = ("exponential", "pareto")
+
+
+# ---------------------------------------------------------------- validation
+
+def _number(field, value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise UserError(f"stragglers.{field} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _integer(field, value):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise UserError(f"stragglers.{field} must be an integer, got {value!r}")
+    return int(value)
+
+
+def _at_least(field, value, low):
+    value = _number(field, value)
+    if value < low:
+        raise UserError(f"stragglers.{field} must be >= {low}, got {value:g}")
+    return value
+
+
+def _positive(field, value):
+    value = _number(field, value)
+    if value <= 0:
+        raise UserError(f"stragglers.{field} must be > 0, got {value:g}")
+    return value
+
+
+def _seed(value):
+    value = _integer("seed", value)
+    if value < 0:
+        raise UserError(f"stragglers.seed must be a non-negative integer, got {value}")
+    return value
+
+
+def _ranks(value, world_size):
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        raise UserError(f"stragglers.ranks must be a list of ranks, got {value!r}")
+    ranks = sorted({_integer("ranks", r) for r in value})
+    bad = [r for r in ranks if not 0 <= r < world_size]
+    if bad:
+        raise UserError(f"stragglers.ranks {bad} out of range for world size {world_size}: "
+                        f"use ranks 0..{world_size - 1}")
+    return ranks
+
+
+# ---------------------------------------------------------------- models
+
+class NoStraggler:
+    def delay(self, step_seconds, now):
+        return 0.0
+
+    def describe(self):
+        return "none: no stragglers"
+
+
+class FixedStraggler:
+    def __init__(self, rank, ranks, slowdown):
+        self.ranks, self.slowdown = ranks, slowdown
+        self.slow = rank in ranks
+
+    def delay(self, step_seconds, now):
+        return (self.slowdown - 1.0) * step_seconds if self.slow else 0.0
+
+    def describe(self):
+        return f"fixed: ranks {self.ranks} {self.slowdown:g}x slower"
+
+
+class RandomStraggler:
+    def __init__(self, rank, probability, distribution, scale, shape, seed, ranks):
+        self.probability, self.distribution = probability, distribution
+        self.scale, self.shape, self.seed, self.ranks = scale, shape, seed, ranks
+        self.active = ranks is None or rank in ranks
+        self.rng = np.random.default_rng([seed, rank])
+
+    def delay(self, step_seconds, now):
+        if not self.active or self.rng.random() >= self.probability:
+            return 0.0
+        if self.distribution == "exponential":
+            return float(self.rng.exponential(self.scale))
+        return float(self.rng.pareto(self.shape) * self.scale)
+
+    def describe(self):
+        who = "all ranks" if self.ranks is None else f"ranks {self.ranks}"
+        law = (f"exponential(mean={self.scale:g}s)" if self.distribution == "exponential"
+               else f"pareto(shape={self.shape:g}) x {self.scale:g}s")
+        return f"random: {who}, p={self.probability:g} per step, extra delay ~ {law}, seed {self.seed}"
+
+
+class ShiftingStraggler:
+    def __init__(self, rank, world_size, count, slowdown, period, seed):
+        self.rank, self.world_size = rank, world_size
+        self.count, self.slowdown, self.period, self.seed = count, slowdown, period, seed
+        self._window, self._set = None, ()
+
+    def window(self, now):
+        return max(0, math.floor(now / self.period))
+
+    def slow_set(self, now):
+        """The sorted slow ranks at job time `now` (same on every rank)."""
+        w = self.window(now)
+        if w != self._window:
+            rng = np.random.default_rng([self.seed, w])
+            chosen = rng.choice(self.world_size, size=self.count, replace=False)
+            self._window, self._set = w, tuple(sorted(int(r) for r in chosen))
+        return list(self._set)
+
+    def delay(self, step_seconds, now):
+        if self.rank in self.slow_set(now):
+            return (self.slowdown - 1.0) * step_seconds
+        return 0.0
+
+    def describe(self):
+        return (f"shifting: {self.count} of {self.world_size} ranks {self.slowdown:g}x slower, "
+                f"set redrawn every {self.period:g}s, seed {self.seed}")
+
+
+# ---------------------------------------------------------------- factories
+
+@STRAGGLERS.register("none")
+def _none(rank, world_size):
+    return NoStraggler()
+
+
+@STRAGGLERS.register("fixed")
+def _fixed(rank, world_size, ranks=(1,), slowdown=4.0):
+    return FixedStraggler(rank, _ranks(ranks, world_size), _at_least("slowdown", slowdown, 1))
+
+
+@STRAGGLERS.register("random")
+def _random(rank, world_size, probability=0.1, distribution="exponential", scale=0.01,
+            shape=2.0, seed=0, ranks=None):
+    probability = _number("probability", probability)
+    if not 0 <= probability <= 1:
+        raise UserError(f"stragglers.probability must be in [0, 1], got {probability:g}")
+    if distribution not in DISTRIBUTIONS:
+        raise UserError(f"stragglers.distribution must be one of {', '.join(DISTRIBUTIONS)}, "
+                        f"got {distribution!r}")
+    return RandomStraggler(rank, probability, distribution, _at_least("scale", scale, 0),
+                           _positive("shape", shape), _seed(seed),
+                           None if ranks is None else _ranks(ranks, world_size))
+
+
+@STRAGGLERS.register("shifting")
+def _shifting(rank, world_size, count=1, slowdown=4.0, period=10.0, seed=0):
+    count = _integer("count", count)
+    if not 0 <= count <= world_size:
+        raise UserError(f"stragglers.count must be between 0 and the world size {world_size}, "
+                        f"got {count}")
+    return ShiftingStraggler(rank, world_size, count, _at_least("slowdown", slowdown, 1),
+                             _positive("period", period), _seed(seed))
+
+
+def build_straggler(name, rank, world_size, params=None):
+    """The straggler model `name` for `rank` of `world_size` ranks."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} out of range for world size {world_size}")
+    return STRAGGLERS.build(name, params, rank, world_size)
+
+
+def slow_down(model, step_seconds, now):
+    """Sleep for the model's delay after a step (if any); return the delay."""
+    d = model.delay(step_seconds, now)
+    if d > 0:
+        time.sleep(d)
+    return d
