@@ -89,13 +89,11 @@ class Engine:
         backoff = Backoff()
         while (selection := self.policy.select(self.mailbox.headers(), k, self.clock())) is None:
             backoff.wait()
-        self_weight = selection.self_weight
-        np.multiply(self.x, self_weight, out=self._mix)
+        np.multiply(self.x, selection.self_weight, out=self._mix)
         used = []
         for (j, slot), weight in zip(selection.slots, selection.weights):
             got = self.mailbox.read(j, slot, out=self._incoming)
-            if got is None:  # every copy overlapped a write: treat as not fresh
-                self_weight += weight
+            if got is None:  # every copy overlapped a write: its weight stays with x
                 self._mix += weight * self.x
                 continue
             self._incoming *= weight
