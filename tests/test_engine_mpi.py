@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from mpi4py import MPI
 
-from aau_mpi.engine import Engine, StopRule
+from aau_mpi.control import JobControl
+from aau_mpi.engine import Engine
 from aau_mpi.policies import build_policy
 from aau_mpi.stragglers import build_straggler, slow_down
 from aau_mpi.topology import generate
@@ -41,14 +42,31 @@ def global_optimum(n):
     return np.linalg.lstsq(a, b, rcond=None)[0]
 
 
-def train(policy_name, stop, lr, params=None, slow_rank=None, slowdown=1.0, topology="ring"):
+def run_until(engine, compute, apply_step, iterations=None, sample_budget=None):
+    """Step until this rank's iterations or the shared sample budget (one per step) end."""
+    control = JobControl(comm)
+    records = []
+    while True:
+        records.append(engine.step(compute, apply_step))
+        used, _ = control.add_samples(1)
+        done = ((iterations is not None and engine.k >= iterations)
+                or (sample_budget is not None and used >= sample_budget))
+        if not engine.mailbox:  # lock-step ranks stop together
+            done = comm.allreduce(done, op=MPI.LOR)
+        if done:
+            average = engine.finish()
+            control.close()
+            return average, records
+
+
+def train(policy_name, lr, params=None, slow_rank=None, slowdown=1.0, topology="ring",
+          iterations=None, sample_budget=None):
     """Run the engine on this rank's shard; returns (x, averaged x, records)."""
     graph = generate(topology, comm.size)
     a, b = shard(comm.rank)
     x = np.zeros(DIM, np.float32)
     policy = build_policy(policy_name, graph, comm.rank, params)
     engine = Engine(comm, graph, policy, x)
-    records = []
     straggler = build_straggler("fixed" if slow_rank is not None else "none", comm.rank,
                                 comm.size, {"ranks": [slow_rank], "slowdown": slowdown}
                                 if slow_rank is not None else None)
@@ -64,7 +82,7 @@ def train(policy_name, stop, lr, params=None, slow_rank=None, slowdown=1.0, topo
     def apply_step(g, scale):
         x[:] -= lr(engine.k) * scale * g
 
-    average = engine.run(compute, apply_step, stop, records.append)
+    average, records = run_until(engine, compute, apply_step, iterations, sample_budget)
     return x, average, records
 
 
@@ -91,8 +109,8 @@ def simulate_dpsgd(n, iterations, lr):
 @pytest.mark.mpi(min_size=4)
 @pytest.mark.parametrize("slow_rank", [None, 2])
 def test_dpsgd_equals_the_synchronous_recursion(slow_rank):
-    x, _, records = train("dpsgd", StopRule(max_iterations=50), lambda k: 0.02,
-                          slow_rank=slow_rank, slowdown=5.0)
+    x, _, records = train("dpsgd", lambda k: 0.02, slow_rank=slow_rank, slowdown=5.0,
+                          iterations=50)
     expected = simulate_dpsgd(comm.size, 50, 0.02)[comm.rank]
     assert len(records) == 50
     assert all(sorted(r.averaged) == generate("ring", comm.size).in_neighbours(comm.rank)
@@ -104,7 +122,7 @@ def test_dpsgd_equals_the_synchronous_recursion(slow_rank):
 
 @pytest.mark.mpi(min_size=2)
 def test_allreduce_equals_sgd_on_the_averaged_gradient():
-    x, average, _ = train("allreduce", StopRule(max_iterations=30), lambda k: 0.02)
+    x, average, _ = train("allreduce", lambda k: 0.02, iterations=30)
     shards = [shard(i) for i in range(comm.size)]
     expected = np.zeros(DIM, np.float32)
     for _ in range(30):
@@ -134,8 +152,8 @@ LEAN_BOUND = {"async": 0.25, "async_one": 0.25, "fixed_k": 0.1, "aau": 0.1}
 @pytest.mark.parametrize("slowdown", [1.0, 10.0])
 def test_asynchronous_policies_reach_consensus_near_the_optimum(policy, params, slowdown):
     x_opt = global_optimum(comm.size)
-    x, average, records = train(policy, StopRule(sample_budget=6000), decaying,
-                                params, slow_rank=1, slowdown=slowdown)
+    x, average, records = train(policy, decaying, params, slow_rank=1, slowdown=slowdown,
+                                sample_budget=6000)
     consensus = np.linalg.norm(x - average) / np.linalg.norm(x_opt)
     error = np.linalg.norm(average - x_opt) / np.linalg.norm(x_opt)
     iterations = comm.gather(len(records), root=0)
@@ -153,8 +171,8 @@ def test_asynchronous_policies_reach_consensus_near_the_optimum(policy, params, 
 ])
 def test_every_policy_finishes_with_a_50x_straggler(policy, params):
     """A shared sample budget ends training; nobody waits for a finished rank."""
-    _, average, records = train(policy, StopRule(sample_budget=400), lambda k: 0.01,
-                                params, slow_rank=3, slowdown=50.0)
+    _, average, records = train(policy, lambda k: 0.01, params, slow_rank=3, slowdown=50.0,
+                                sample_budget=400)
     steps = comm.gather(len(records), root=0)
     if comm.rank == 0:
         assert sum(steps) >= 400, "the budget counts every rank's steps"

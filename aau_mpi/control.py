@@ -1,0 +1,109 @@
+"""Job-wide control words that any rank reads and updates one-sidedly.
+
+A small window on rank 0 holds int64 words:
+
+    0          samples used by all ranks together (the global sample budget)
+    1          the event word: job-wide events, announced in order (below)
+    2 + r      the newest checkpoint generation that rank r has written
+
+Every operation is an atomic accumulate-family call (`Get_accumulate`,
+`Fetch_and_op`, `Compare_and_swap`) followed by a `Flush`. MPI makes
+accumulates to one location atomic with respect to each other, whichever
+rank issues them, and an accumulate completes at a passive target without
+the target making MPI calls (the same passive progress the mailbox relies
+on). The window is opened with one collective `Lock_all` for its life.
+
+The event word packs (count << 2) | stop: `count` events have been announced
+so far; when `stop` is non-zero the last of them is the stop event, with
+`stop` its reason, and no event can follow it. Announcing is a
+compare-and-swap from the word the announcer last saw, so concurrent
+announcers never lose or duplicate an event: every rank sees the same
+sequence and can act on it in the same order (the trainer runs a collective
+per event).
+"""
+
+import numpy as np
+from mpi4py import MPI
+
+SAMPLES, EVENTS, GENERATIONS = 0, 1, 2
+RUNNING, FINISHED, PREEMPTED = 0, 1, 2
+
+
+def events_announced(word):
+    """(number of events announced, stop reason) packed in an event word."""
+    return int(word) >> 2, int(word) & 3
+
+
+def pack_events(count, stop=RUNNING):
+    return (int(count) << 2) | int(stop)
+
+
+class JobControl:
+    """Collective to build and close; every other call is one-sided."""
+
+    def __init__(self, comm, initial_samples=0):
+        self.comm, self.rank, self.size = comm, comm.Get_rank(), comm.Get_size()
+        words = GENERATIONS + self.size
+        self.win = MPI.Win.Allocate(8 * words if self.rank == 0 else 0, disp_unit=8, comm=comm)
+        if self.rank == 0:
+            table = np.frombuffer(self.win.tomemory(), np.int64)
+            table[:] = 0
+            table[SAMPLES] = initial_samples
+            table[GENERATIONS:] = -1
+        self._origin = np.zeros(max(2, self.size), np.int64)
+        self._result = np.zeros(max(2, self.size), np.int64)
+        self._compare = np.zeros(1, np.int64)
+        comm.Barrier()  # initialised before anyone reads
+        self.win.Lock_all()
+        comm.Barrier()
+
+    def _fetch(self, first, count, op, values=None):
+        origin, result = self._origin[:count], self._result[:count]
+        origin[:] = 0 if values is None else values
+        self.win.Get_accumulate([origin, count, MPI.INT64_T], [result, count, MPI.INT64_T],
+                                0, target=(first, count, MPI.INT64_T), op=op)
+        self.win.Flush(0)
+        return result.copy()
+
+    def add_samples(self, samples):
+        """Add this rank's samples; return (total after the addition, event word).
+
+        One round trip: a SUM of (samples, 0) on words 0-1 fetches both, each
+        atomically (element-wise atomicity is all that MPI promises and all
+        that is needed: the two words are independent).
+        """
+        old = self._fetch(SAMPLES, 2, MPI.SUM, (samples, 0))
+        return int(old[0]) + samples, int(old[1])
+
+    def poll(self):
+        """(samples used, event word), read atomically without changing them."""
+        words = self._fetch(SAMPLES, 2, MPI.NO_OP)
+        return int(words[0]), int(words[1])
+
+    def announce(self, seen, new):
+        """Swap the event word from `seen` to `new`; return the word found there.
+
+        The swap happened iff the returned word is `seen`; otherwise another
+        rank announced first and the caller re-decides from the returned word.
+        """
+        self._origin[0], self._compare[0] = new, seen
+        self.win.Compare_and_swap(self._origin[:1], self._compare, self._result[:1], 0, EVENTS)
+        self.win.Flush(0)
+        return int(self._result[0])
+
+    def checkpointed(self, generation):
+        """Record that this rank wrote `generation`; return the oldest that every rank has.
+
+        The REPLACE completes (Flush) before the read is issued, so the
+        rank that writes last always sees every rank's generation.
+        """
+        self._origin[0] = generation
+        self.win.Accumulate(self._origin[:1], 0, target=(GENERATIONS + self.rank, 1, MPI.INT64_T),
+                            op=MPI.REPLACE)
+        self.win.Flush(0)
+        return int(self._fetch(GENERATIONS, self.size, MPI.NO_OP).min())
+
+    def close(self):
+        """Collective."""
+        self.win.Unlock_all()
+        self.win.Free()
