@@ -1,0 +1,99 @@
+"""Learning-rate schedules: the lr as a function of training progress.
+
+`progress` in [0, 1] is the fraction of the training budget used so far. It is
+global (all ranks share one budget), so ranks that run different numbers of
+iterations still follow the same schedule at the same time.
+
+Schedules (SCHEDULES; each factory takes keyword params and returns
+multiplier(progress)):
+  constant                          1 throughout.
+  step(milestones=(0.5, 0.75), factor=0.1)
+                                    times `factor` at each milestone passed.
+  cosine(final=0.0)                 from 1 down to `final` along a half cosine.
+
+LearningRate(lr, schedule, params, warmup) combines a schedule with a linear
+warm-up over the first `warmup` fraction of the budget.
+"""
+
+import bisect
+import math
+import numbers
+
+from aau_mpi.errors import UserError
+from aau_mpi.registry import Registry
+
+SCHEDULES = Registry("lr schedule")
+# Warm-up starts at this fraction of the lr instead of 0, so that the very
+# first steps (at progress 0) still move the model.
+MIN_WARMUP_FACTOR = 1e-3
+
+
+def _is_number(value):
+    """A finite real number (bools and ints too large for a float are not)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
+
+
+def _number(field, value):
+    if not _is_number(value):
+        raise UserError(f"{field} must be a number, got {value!r}")
+    return float(value)
+
+
+@SCHEDULES.register("constant")
+def constant():
+    return lambda progress: 1.0
+
+
+@SCHEDULES.register("step")
+def step(milestones=(0.5, 0.75), factor=0.1):
+    field = "optim.schedule.milestones"
+    if not isinstance(milestones, (list, tuple)) or not all(map(_is_number, milestones)):
+        raise UserError(f"{field} must be a list of fractions like [0.5, 0.75], "
+                        f"got {milestones!r}")
+    points = [float(m) for m in milestones]
+    if not all(0 < p < 1 for p in points) or any(a >= b for a, b in zip(points, points[1:])):
+        raise UserError(f"{field} must be increasing fractions in (0, 1), "
+                        f"got {list(milestones)!r}")
+    factor = _number("optim.schedule.factor", factor)
+    if not 0 < factor <= 1:
+        raise UserError(f"optim.schedule.factor must be in (0, 1], got {factor:g}")
+    # bisect_right: a milestone counts as passed from the moment progress reaches it.
+    return lambda progress: factor ** bisect.bisect_right(points, progress)
+
+
+@SCHEDULES.register("cosine")
+def cosine(final=0.0):
+    final = _number("optim.schedule.final", final)
+    if not 0 <= final <= 1:
+        raise UserError(f"optim.schedule.final must be in [0, 1], got {final:g}")
+    return lambda progress: final + (1 - final) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class LearningRate:
+    """lr(progress) = lr * schedule(progress) * min(1, progress / warmup).
+
+    With warmup > 0 the warm-up factor is at least MIN_WARMUP_FACTOR, so the lr
+    at progress 0 is lr / 1000 rather than 0. Progress is clipped to [0, 1].
+    """
+
+    def __init__(self, lr, schedule="constant", params=None, warmup=0.0):
+        self.lr = _number("optim.lr", lr)
+        if self.lr <= 0:
+            raise UserError(f"optim.lr must be > 0, got {self.lr:g}")
+        self.warmup = _number("optim.warmup", warmup)
+        if not 0 <= self.warmup < 1:
+            raise UserError(f"optim.warmup must be in [0, 1), got {self.warmup:g}")
+        self.schedule = schedule
+        self.multiplier = SCHEDULES.build(schedule, params)
+
+    def __call__(self, progress):
+        progress = min(max(float(progress), 0.0), 1.0)
+        rate = self.lr * self.multiplier(progress)
+        if self.warmup > 0:
+            rate *= min(1.0, max(progress / self.warmup, MIN_WARMUP_FACTOR))
+        return rate
