@@ -1,6 +1,6 @@
 # aau_mpi — one-command set-up, demo, tests and benchmarks.
 #
-#   make demo          set up .venv and run a small real job on 4 ranks
+#   make demo          set up .venv, train DSGD-AAU and D-PSGD on 4 ranks, compare them
 #   make test          set up .venv and run the whole test suite
 #   make test MPI=mpich   the same against the MPICH wheel (in .venv-mpich)
 #   make bench         the benchmarks in bench/ (numbers land in bench/results/)
@@ -44,8 +44,13 @@ $(VENV)/.installed: setup.py
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[test,plot]' $(MPI) mpi4py
 	touch $@
 
+# The demo trains the same job with aau and with dpsgd, then tabulates and
+# plots both runs (runs/demo-<time>/plots).
+DEMO_RUNS := runs/demo-$(shell date +%Y%m%d-%H%M%S)
 demo: setup
-	$(MPIEXEC) -n 4 $(PY) -m aau_mpi.demo
+	$(MPIEXEC) -n 4 $(PY) -m aau_mpi.train --config jobs/demo.yaml output.dir=$(DEMO_RUNS) name=aau
+	$(MPIEXEC) -n 4 $(PY) -m aau_mpi.train --config jobs/demo.yaml output.dir=$(DEMO_RUNS) name=dpsgd policy.name=dpsgd
+	$(PY) -m aau_mpi.plot $(DEMO_RUNS)/aau $(DEMO_RUNS)/dpsgd --out $(DEMO_RUNS)/plots
 
 test: test-unit test-mpi
 

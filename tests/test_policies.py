@@ -201,3 +201,49 @@ def test_unknown_policy_or_parameter_is_a_one_line_user_error():
         build_policy("aua", RING, 0)
     with pytest.raises(UserError, match="did you mean 'tau'"):
         build_policy("aau", RING, 0, {"taus": 3})
+
+
+@pytest.mark.parametrize("name,params,field", [
+    ("aau", {"tau": 0}, "policy.tau"), ("aau", {"tau": 2.5}, "policy.tau"),
+    ("aau", {"gamma": -1}, "policy.gamma"), ("aau", {"max_scale": 0.5}, "policy.max_scale"),
+    ("aau", {"rate_scaled": "yes"}, "policy.rate_scaled"), ("fixed_k", {"k": 0}, "policy.k"),
+])
+def test_out_of_range_parameters_name_their_field(name, params, field):
+    with pytest.raises(UserError, match=field):
+        build_policy(name, RING, 0, params)
+
+
+def test_state_round_trips_through_json_and_resets_sequence_numbers():
+    """A resumed policy keeps its last use and timing estimates; its new
+    mailbox starts from seq 0, so nothing counts as seen."""
+    import json
+    policy = build_policy("aau", RING, 0, {"tau": 3})
+    headers = snapshot(RING, 0)
+    for t in range(1, 6):
+        deposit(headers, 0, time=t * 0.1, seen_by=policy)
+        deposit(headers, 1, time=t * 0.3, seen_by=policy)
+    policy.deposited(1.0)
+    policy.deposited(1.2)
+    policy.computed(0.05)
+    use(policy, headers, policy.select(headers, 7, now=2.0), 7)
+    state = json.loads(json.dumps(policy.state_dict()))
+
+    resumed = build_policy("aau", RING, 0, {"tau": 3})
+    resumed.load_state_dict(state)
+    assert resumed.last_used.tolist() == policy.last_used.tolist() == [7, 7]
+    assert resumed.interval == pytest.approx(policy.interval)
+    assert resumed.step_scale() == policy.step_scale()
+    assert resumed.last_seq.sum() == 0
+    fresh = snapshot(RING, 0)
+    deposit(fresh, 1, time=3.0)
+    assert resumed.select(fresh, 8, now=3.0).slots == [(1, 0)]
+
+
+def test_async_one_resumes_its_random_choices():
+    policy = build_policy("async_one", STAR, 0, {"seed": 3})
+    headers = snapshot(STAR, 0, seq=[1, 1, 1, 1])
+    policy.select(headers, 0, now=0.0)
+    resumed = build_policy("async_one", STAR, 0, {"seed": 3})
+    resumed.load_state_dict(policy.state_dict())
+    assert [policy.select(headers, k, 0.0).slots for k in range(10)] == \
+        [resumed.select(headers, k, 0.0).slots for k in range(10)]

@@ -124,3 +124,15 @@ def test_slow_down_sleeps_only_when_positive(monkeypatch):
     assert slept == []
     assert slow_down(build_straggler("fixed", 1, 2), 0.1, 0) == pytest.approx(0.3)
     assert slept == [pytest.approx(0.3)]
+
+
+def test_random_resumes_its_delay_sequence_from_a_checkpointed_state():
+    import json
+    params = {"probability": 0.5, "seed": 7}
+    model = build_straggler("random", 2, 4, params)
+    delays(model, 50)
+    state = json.loads(json.dumps(model.state_dict()))
+    resumed = build_straggler("random", 2, 4, params)
+    resumed.load_state_dict(state)
+    assert np.array_equal(delays(model, 100), delays(resumed, 100))
+    assert build_straggler("fixed", 1, 4, {}).state_dict() == {}

@@ -1,0 +1,60 @@
+"""Evaluation: test loss and accuracy of the ranks' models and of their average.
+
+`evaluate_job` is collective (spec section 6): every rank evaluates its own
+model x_i on the test set, the ranks average their parameters into x_bar
+(Allreduce) and measure the consensus distance (1/N) sum_i ||x_i - x_bar||^2,
+and x_bar is evaluated with the test set split across the ranks so that each
+evaluates 1/N of it. Rank 0 gets the record; the other ranks get None.
+"""
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from mpi4py import MPI
+
+
+@torch.no_grad()
+def loss_and_correct(model, x, y, batch_size):
+    """Summed cross-entropy and number of correct predictions over (x, y)."""
+    was_training = model.training
+    model.eval()
+    loss, correct = 0.0, 0
+    for start in range(0, len(y), batch_size):
+        logits = model(x[start:start + batch_size])
+        target = y[start:start + batch_size]
+        loss += F.cross_entropy(logits, target, reduction="sum").item()
+        correct += int((logits.argmax(1) == target).sum())
+    model.train(was_training)
+    return loss, correct
+
+
+def evaluate_job(comm, model, params, x_test, y_test, batch_size):
+    """Collective. Returns rank 0's record dict (None elsewhere).
+
+    `params` is the model's FlatParameters: x_bar is loaded into it for its
+    share of the test set and the rank's own parameters are put back after.
+    """
+    rank, size = comm.Get_rank(), comm.Get_size()
+    n = len(y_test)
+    own_loss, own_correct = loss_and_correct(model, x_test, y_test, batch_size)
+
+    own = params.flat.detach().clone()
+    x = own.cpu().numpy().astype(np.float64)
+    x_bar = np.empty_like(x)
+    comm.Allreduce(x, x_bar)
+    x_bar /= size
+    distance = float(np.sum((x - x_bar) ** 2))
+
+    params.load_(x_bar.astype(np.float32))
+    share = slice(rank, n, size)
+    bar_loss, bar_correct = loss_and_correct(model, x_test[share], y_test[share], batch_size)
+    params.flat.copy_(own)
+
+    sums = np.array([bar_loss, bar_correct, distance], np.float64)
+    comm.Allreduce(MPI.IN_PLACE, sums)
+    per_rank = comm.gather((own_loss / n, own_correct / n), root=0)
+    if rank != 0:
+        return None
+    return {"accuracy": sums[1] / n, "loss": sums[0] / n,
+            "rank_accuracy": [a for _, a in per_rank], "rank_loss": [l for l, _ in per_rank],
+            "consensus_distance": sums[2] / size}

@@ -1,0 +1,210 @@
+"""The trainer end to end: `mpiexec -n K python -m aau_mpi.train ...` as users launch it.
+
+Each test starts a real MPI job in a subprocess with a hard timeout, so a
+hang fails the test instead of the run. These tests run once (not under
+mpiexec themselves): they are the launcher.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from aau_mpi import checkpoint
+from aau_mpi.datasets import load_dataset
+
+REPO = Path(__file__).resolve().parent.parent
+MPIEXEC = Path(sys.executable).with_name("mpiexec")
+ENV = {**os.environ, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+       "PRTE_MCA_rmaps_default_mapping_policy": ":oversubscribe", "OMPI_MCA_osc": "sm,rdma",
+       "PYTHONUNBUFFERED": "1"}
+# The tests pin a small MLP: quick, and stable under any load on the machine.
+MLP = "model={name: mlp, hidden: [64]}"
+QUICK = [MLP, "budget.epochs=4", "eval.every_epochs=1", "output.progress=false"]
+
+pytestmark = pytest.mark.skipif(not MPIEXEC.exists(), reason=f"no mpiexec beside {sys.executable}")
+
+
+def command(ranks, *args):
+    return [str(MPIEXEC), "-n", str(ranks), sys.executable, "-m", "aau_mpi.train", *args]
+
+
+def launch(ranks, *args, timeout=150):
+    """Run a job to its end; a job that outlives `timeout` is a failure (a hang)."""
+    return subprocess.run(command(ranks, *args), cwd=REPO, env=ENV, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def error_lines(result):
+    return [line for line in result.stderr.splitlines() if "error:" in line]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    result = launch(4, "--config", "jobs/demo.yaml", f"output.dir={out}", "name=demo",
+                    "output.trace=true", "eval.target_accuracy=0.5", *QUICK)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out / "demo", result
+
+
+def read_lines(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_a_run_leaves_its_config_logs_summary_and_final_model(finished_run):
+    folder, result = finished_run
+    assert "test accuracy" in result.stdout and "wait share" in result.stdout
+    assert (folder / "config.yaml").read_text().startswith("name: demo")
+
+    for rank in range(4):
+        records = read_lines(folder / f"rank-{rank:05d}.jsonl")
+        assert [r["iteration"] for r in records] == list(range(len(records)))
+        assert {"time", "loss", "averaged", "wait", "staleness", "delay", "samples"} <= set(records[0])
+        trace = json.loads((folder / f"trace-rank-{rank:05d}.json").read_text().rstrip(",\n") + "]")
+        assert {"deposit", "compute", "wait"} <= {event["name"] for event in trace}
+
+    evals = read_lines(folder / "eval.jsonl")
+    assert [e["evaluation"] for e in evals] == [1, 2, 3], "every epoch but the last (the end)"
+    assert all(len(e["rank_accuracy"]) == 4 and e["consensus_distance"] >= 0 for e in evals)
+    times = [e["time"] for e in evals]
+    assert times == sorted(times)
+
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["exit"] == "finished" and summary["world_size"] == 4
+    assert summary["samples"] >= 4 * 1437
+    assert summary["time_to_target"] is not None and summary["time_to_target"] <= summary["seconds"]
+    assert summary["iterations"][1] < max(summary["iterations"]), "rank 1 is the 4x straggler"
+
+    # The final model loads in one call and scores what the summary says.
+    model = checkpoint.load_model(folder / "model.h5")
+    data = load_dataset("digits", {})
+    with torch.no_grad():
+        accuracy = (model(data.x_test).argmax(1) == data.y_test).float().mean().item()
+    assert accuracy == pytest.approx(summary["accuracy"], abs=1e-6)
+
+    manifest = checkpoint.read_manifest(checkpoint.find_checkpoint(folder))
+    assert manifest.world_size == 4
+    with h5py.File(manifest.path) as f:  # standard HDF5 reaches every rank's state
+        assert f["ranks/00003/arrays/params"].shape == (sum(p.numel() for p in model.parameters()),)
+
+
+@pytest.mark.parametrize("policy", ["aau", "dpsgd", "allreduce"])
+def test_a_preempted_run_checkpoints_exits_75_and_resumes(tmp_path, policy):
+    args = ["--config", "jobs/demo.yaml", MLP, f"output.dir={tmp_path}", "name=job",
+            f"policy.name={policy}", "budget.epochs=100000", "checkpoint.every_seconds=0.5",
+            "optim.schedule.name=constant", "optim.warmup=0",
+            "eval.every_epochs=3", "output.progress=false"]
+    job = subprocess.Popen(command(4, *args), cwd=REPO, env=ENV, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    folder = tmp_path / "job"
+    try:
+        deadline = time.monotonic() + 90
+        while not list(folder.glob("checkpoints/gen-*/manifest.h5")):
+            assert job.poll() is None, job.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "no checkpoint within 90 s"
+            time.sleep(0.2)
+        signalled = time.monotonic()
+        job.send_signal(signal.SIGUSR1)  # what SLURM sends before preemption
+        out, err = job.communicate(timeout=60)
+    finally:
+        job.kill()
+    assert job.returncode == 75, err[-3000:]
+    assert time.monotonic() - signalled < 30
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["exit"] == "preempted"
+    assert "--resume" in out
+    last = [read_lines(folder / f"rank-{r:05d}.jsonl")[-1]["iteration"] for r in range(4)]
+    evaluations = len(read_lines(folder / "eval.jsonl"))
+
+    more = summary["samples"] + 3000
+    result = launch(4, "--resume", str(folder), "budget.epochs=null", f"budget.samples={more}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["exit"] == "finished" and summary["samples"] >= more
+    for rank in range(4):
+        iterations = [r["iteration"] for r in read_lines(folder / f"rank-{rank:05d}.jsonl")]
+        resumed = iterations[last[rank] + 1:]
+        assert resumed and resumed[0] >= last[rank] - 1, "iterations continue, not restart"
+    numbers = [e["evaluation"] for e in read_lines(folder / "eval.jsonl")]
+    assert numbers[:evaluations] == list(range(1, evaluations + 1))
+    assert numbers == sorted(set(numbers)), "evaluations continue their numbering"
+    assert summary["accuracy"] > 0.8
+
+
+def test_resume_refuses_another_world_size_or_model(finished_run):
+    folder, _ = finished_run
+    result = launch(2, "--resume", str(folder), "budget.epochs=8")
+    assert result.returncode != 0
+    assert "written by 4 ranks, this job has 2" in result.stderr
+    result = launch(4, "--resume", str(folder), "model.name=logreg", "budget.epochs=8")
+    assert result.returncode != 0
+    assert "model" in " ".join(error_lines(result))
+
+
+def test_a_corrupt_checkpoint_is_reported_not_loaded(finished_run, tmp_path):
+    folder, _ = finished_run
+    copy = tmp_path / "copy"
+    subprocess.run(["cp", "-r", str(folder), str(copy)], check=True)
+    newest = checkpoint.find_checkpoint(copy).parent
+    victim = newest / "rank-00001.h5"
+    victim.write_bytes(victim.read_bytes()[:victim.stat().st_size // 2])
+    result = launch(4, "--resume", str(copy), "budget.epochs=8")
+    assert result.returncode != 0
+    lines = error_lines(result)
+    assert lines and "rank-00001.h5" in lines[0], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+
+
+def test_divergence_stops_the_job_and_keeps_the_last_good_checkpoint(finished_run, tmp_path):
+    folder, _ = finished_run
+    copy = tmp_path / "copy"
+    subprocess.run(["cp", "-r", str(folder), str(copy)], check=True)
+    before = checkpoint.find_checkpoint(copy)
+    result = launch(4, "--resume", str(copy), "optim.lr=1e30", "optim.warmup=0",
+                    "budget.epochs=40")
+    assert result.returncode != 0
+    assert "diverged" in " ".join(error_lines(result)), result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    after = checkpoint.find_checkpoint(copy)
+    assert after == before
+    arrays, _ = checkpoint.read_rank_state(checkpoint.read_manifest(after), 0)
+    assert np.isfinite(arrays["params"]).all()
+
+
+BAD_INPUT = [
+    (["policy.name=aua"], "did you mean 'aau'"),
+    (["optim.lrr=0.1"], "did you mean 'optim.lr'"),
+    (["optim.lr=-1"], "optim.lr must be > 0"),
+    (["policy.tau=0"], "policy.tau"),
+    (["data.partition.alpha=0"], "alpha"),
+    (["topology={file: topologies/two_clusters_8.yaml}"], "8 nodes but the job has 2 ranks"),
+    (["data={name: mnist, root: /nonexistent}"], "nothing is downloaded"),
+    (["stragglers.ranks=[7]"], "stragglers.ranks"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", BAD_INPUT, ids=[b[1] for b in BAD_INPUT])
+def test_bad_input_ends_the_whole_job_with_one_line(overrides, message):
+    result = launch(2, "--config", "jobs/demo.yaml", *overrides, timeout=60)
+    assert result.returncode != 0
+    lines = error_lines(result)
+    assert lines and message in lines[0], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+
+
+def test_malformed_yaml_is_one_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("policy:\n  name: aau\n   tau: [1,\n")
+    result = launch(2, "--config", str(bad), timeout=60)
+    assert result.returncode != 0
+    lines = error_lines(result)
+    assert lines and "not valid YAML" in lines[0] and "Traceback" not in result.stderr
