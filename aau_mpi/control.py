@@ -98,8 +98,10 @@ class JobControl:
         rank that writes last always sees every rank's generation.
         """
         self._origin[0] = generation
-        self.win.Accumulate(self._origin[:1], 0, target=(GENERATIONS + self.rank, 1, MPI.INT64_T),
-                            op=MPI.REPLACE)
+        # Origin and target must name the same predefined type (MPICH rejects
+        # numpy's inferred MPI.LONG against an INT64_T target).
+        self.win.Accumulate([self._origin[:1], 1, MPI.INT64_T], 0,
+                            target=(GENERATIONS + self.rank, 1, MPI.INT64_T), op=MPI.REPLACE)
         self.win.Flush(0)
         return int(self._fetch(GENERATIONS, self.size, MPI.NO_OP).min())
 

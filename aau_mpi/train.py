@@ -184,8 +184,9 @@ class Trainer:
                     Path(config_path).stem if config_path else "run", self.config.policy.name,
                     time.strftime("%Y%m%d-%H%M%S")])
                 folder = Path(self.config.output.dir) / name
-                if (folder / "checkpoints").exists():
-                    folder = UserError(f"run folder {folder} already holds a run: continue it "
+                if folder.is_dir() and any(folder.iterdir()):
+                    # Never append to, or overwrite, another run's files.
+                    folder = UserError(f"run folder {folder} is not empty: continue that run "
                                        f"with --resume {folder}, or choose another name=")
                 else:
                     folder.mkdir(parents=True, exist_ok=True)
@@ -429,8 +430,10 @@ class Trainer:
 
     def _finish(self, reason, stats):
         """Collective: average, checkpoint, evaluate, save; returns the exit code."""
-        seconds = self.clock()
         average = self.engine.finish()
+        # The job's totals: its last rank to stop, every rank's samples.
+        seconds = self.comm.allreduce(self.clock(), op=MPI.MAX)
+        self.samples = self.comm.allreduce(self.own_samples)
         if not np.isfinite(self.x).all() or not np.isfinite(average).all():
             raise UserError(f"training diverged: the parameters hold NaN or inf at the end: "
                             f"lower optim.lr; {self._checkpoint_hint()}")

@@ -9,12 +9,15 @@ ever compares a sender's times with its own earlier times).
 
 import os
 import sys
+import time
 import traceback
 from dataclasses import dataclass
 
 from mpi4py import MPI
 
 from aau_mpi.errors import UserError
+
+ABORT_GRACE_SECONDS = 0.5
 
 
 @dataclass(frozen=True)
@@ -93,6 +96,9 @@ def report_and_abort(message, exit_code=2, comm=None):
     prefix = f"[rank {comm.Get_rank()}] " if comm.Get_size() > 1 else ""
     print(f"{prefix}error: {message}", file=sys.stderr, flush=True)
     if comm.Get_size() > 1:
+        # The launcher forwards our stderr asynchronously; aborting at once
+        # let MPICH's mpiexec kill the job before the line reached the user.
+        time.sleep(ABORT_GRACE_SECONDS)
         comm.Abort(exit_code)
     sys.exit(exit_code)
 

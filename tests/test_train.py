@@ -43,6 +43,30 @@ def launch(ranks, *args, timeout=150):
                           text=True, timeout=timeout)
 
 
+def rank_processes(launcher):
+    """The Python processes below the launcher (children with Open MPI,
+    grandchildren under MPICH's proxy)."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            pid, rest = stat.read_text().split(" (", 1)
+            parents[int(pid)] = int(rest.rsplit(") ", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # the process ended while we looked
+    below, found = {launcher}, True
+    while found:
+        found = {pid for pid, parent in parents.items() if parent in below} - below
+        below |= found
+    ranks = []
+    for pid in below - {launcher}:
+        try:
+            if Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0] == sys.executable.encode():
+                ranks.append(pid)
+        except OSError:
+            continue
+    return ranks
+
+
 def error_lines(result):
     return [line for line in result.stderr.splitlines() if "error:" in line]
 
@@ -97,8 +121,13 @@ def test_a_run_leaves_its_config_logs_summary_and_final_model(finished_run):
         assert f["ranks/00003/arrays/params"].shape == (sum(p.numel() for p in model.parameters()),)
 
 
-@pytest.mark.parametrize("policy", ["aau", "dpsgd", "allreduce"])
-def test_a_preempted_run_checkpoints_exits_75_and_resumes(tmp_path, policy):
+@pytest.mark.parametrize("policy,how", [
+    ("aau", "SIGUSR1 to mpiexec"), ("dpsgd", "SIGUSR1 to mpiexec"),
+    ("allreduce", "SIGUSR1 to mpiexec"), ("aau", "SIGTERM to every rank"),
+])
+def test_a_preempted_run_checkpoints_exits_75_and_resumes(tmp_path, policy, how):
+    """Slurm signals either the launcher (--signal=B:USR1 in a batch script
+    that forwards it to mpirun) or every task (srun, --signal=TERM)."""
     args = ["--config", "jobs/demo.yaml", MLP, f"output.dir={tmp_path}", "name=job",
             f"policy.name={policy}", "budget.epochs=100000", "checkpoint.every_seconds=0.5",
             "optim.schedule.name=constant", "optim.warmup=0",
@@ -113,7 +142,13 @@ def test_a_preempted_run_checkpoints_exits_75_and_resumes(tmp_path, policy):
             assert time.monotonic() < deadline, "no checkpoint within 90 s"
             time.sleep(0.2)
         signalled = time.monotonic()
-        job.send_signal(signal.SIGUSR1)  # what SLURM sends before preemption
+        if how == "SIGUSR1 to mpiexec":
+            job.send_signal(signal.SIGUSR1)  # mpiexec forwards it to the ranks
+        else:
+            ranks = rank_processes(job.pid)
+            assert len(ranks) == 4
+            for pid in ranks:
+                os.kill(pid, signal.SIGTERM)
         out, err = job.communicate(timeout=60)
     finally:
         job.kill()
