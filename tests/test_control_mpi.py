@@ -50,6 +50,7 @@ def test_the_last_rank_to_write_a_generation_sees_it_complete():
     control = JobControl(comm)
     rng = np.random.default_rng(comm.rank)
     assert control.checkpointed(0) in (-1, 0), "no rank has reported before"
+    comm.Barrier()
     for generation in range(1, 16):
         time.sleep(rng.uniform(0, 0.005))
         seen = control.checkpointed(generation)
