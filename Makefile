@@ -3,7 +3,10 @@
 #   make demo          set up .venv, train DSGD-AAU and D-PSGD on 4 ranks, compare them
 #   make test          set up .venv and run the whole test suite
 #   make test MPI=mpich   the same against the MPICH wheel (in .venv-mpich)
+#   make test-slurm    the Slurm templates on a one-node Slurm cluster (installs Slurm with apt as root)
 #   make bench         the benchmarks in bench/ (numbers land in bench/results/)
+#   make bench-stragglers   only the straggler, scaling and policy-cost benchmarks (~15 min)
+#   make soak          the 16-rank soak test at full length (10 min)
 #
 # The quick path pins the CPU build of torch that this machine holds on disk;
 # GPU users pass their own, e.g. `make test TORCH='torch>=2.1'`.
@@ -34,7 +37,7 @@ MPI_PYTEST = timeout -k 10 $(RUN_TIMEOUT) $(MPIEXEC) -n $(1) $(PY) -m mpi4py -m 
 	--with-mpi -m mpi -p no:cacheprovider --color=no -q \
 	--timeout=$(TEST_TIMEOUT) --timeout-method=thread tests
 
-.PHONY: setup demo test test-unit test-mpi bench clean
+.PHONY: setup demo test test-unit test-mpi bench bench-stragglers soak clean
 
 setup: $(VENV)/.installed
 
@@ -61,8 +64,26 @@ test-mpi: setup
 	$(call MPI_PYTEST,2)
 	$(call MPI_PYTEST,$(NP))
 
-bench: setup
+# Installs Debian's Slurm if missing and allowed (root, apt); where it cannot,
+# the tests skip and say why. Each test module starts and stops its own cluster.
+test-slurm: setup
+	-scripts/slurm-cluster.sh install
+	AAU_SLURM_TESTS=1 timeout -k 10 $(RUN_TIMEOUT) $(PY) -m pytest -q --color=no -rs \
+		-p no:cacheprovider --timeout=$(RUN_TIMEOUT) tests/test_slurm.py
+
+bench: setup bench-stragglers
 	$(MPIEXEC) -n 2 $(PY) bench/mailbox_bandwidth.py
+
+# Every policy and DDP under stragglers, loss per sample on 1-8 ranks, and the
+# policy's decision cost (docs/benchmarks.md). Run on a quiet machine.
+bench-stragglers: setup
+	$(PY) bench/stragglers.py
+	$(PY) bench/scaling.py
+	$(MPIEXEC) -n 2 $(PY) bench/policy_cost.py
+
+# The soak test at full length: 16 ranks, 300 s per policy (docs/reliability.md).
+soak: setup
+	SOAK_SECONDS=300 timeout -k 10 1800 $(PY) -m pytest -q --color=no tests/test_soak.py
 
 clean:
 	rm -rf .venv .venv-mpich build *.egg-info

@@ -50,6 +50,7 @@ from aau_mpi.stragglers import STRAGGLERS
 from aau_mpi.topology import GENERATORS
 
 DEVICES = ("auto", "cpu", "cuda")
+WATCHDOG_ACTIONS = ("auto", "warn", "abort")
 
 
 # ------------------------------------------------------------------ schema
@@ -138,6 +139,22 @@ class CheckpointConfig:
 
 
 @dataclass
+class WatchdogConfig:
+    """Report a rank that waits longer than `seconds` for its neighbours (None: off).
+
+    action: auto (asynchronous policies go on without the stalled neighbours,
+    synchronous ones abort the job), warn (report only), abort (always).
+    """
+    seconds: float = 300.0
+    action: str = "auto"
+
+
+@dataclass
+class MailboxConfig:
+    checksum: bool = False           # crc32 every deposit, verify every read
+
+
+@dataclass
 class OutputConfig:
     dir: str = "runs"
     trace: bool = False
@@ -158,6 +175,8 @@ class Config:
     stragglers: Component = field(default_factory=lambda: Component(STRAGGLER.default))
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
+    mailbox: MailboxConfig = field(default_factory=MailboxConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     # Notes about the input (ignored parameters): not part of the config itself.
     warnings: list = field(default_factory=list, compare=False, repr=False)
@@ -278,6 +297,10 @@ PLAIN_SECTIONS = {
                                       "every_seconds": _optional("float", POSITIVE),
                                       "every_iterations": _optional("int", AT_LEAST_ONE),
                                       "keep": _Field("int", AT_LEAST_ONE)}),
+    "watchdog": (WatchdogConfig, {"seconds": _optional("float", POSITIVE),
+                                  "action": _Field("str", (lambda v: v in WATCHDOG_ACTIONS,
+                                                           f"one of {', '.join(WATCHDOG_ACTIONS)}"))}),
+    "mailbox": (MailboxConfig, {"checksum": _Field("bool")}),
     "output": (OutputConfig, {"dir": _Field("path"),
                               "trace": _Field("bool"),
                               "progress": _Field("bool")}),

@@ -23,6 +23,24 @@ from mpi4py import MPI
 
 from aau_mpi.mailbox import Backoff, Mailbox
 
+# Every microsecond between a deposit (or a collective's completion) and
+# this rank noticing it adds to the iteration: poll at least every 0.1 ms
+# (a 1 ms cap made LeNet iterations on digits 1.6x slower, for every policy).
+POLL_CAP = 1e-4
+
+
+def wait_for(request, idle=None):
+    """Complete a non-blocking collective, calling `idle` while it is pending.
+
+    Waiting in Test rather than in a blocking call lets the caller watch for
+    a rank that never arrives (a blocking Allreduce cannot be left).
+    """
+    backoff = Backoff(cap=POLL_CAP)
+    while not request.Test():
+        backoff.wait()
+        if idle:
+            idle()
+
 
 @dataclass
 class Iteration:
@@ -41,7 +59,7 @@ class Iteration:
 class Engine:
     """One rank's decentralized training loop. Collective to build and to finish."""
 
-    def __init__(self, comm, graph, policy, x, clock=MPI.Wtime):
+    def __init__(self, comm, graph, policy, x, clock=MPI.Wtime, checksum=False):
         self.comm, self.policy, self.x, self.clock = comm, policy, x, clock
         self.rank, self.size = comm.Get_rank(), comm.Get_size()
         self.k = 0
@@ -49,7 +67,7 @@ class Engine:
         if policy.uses_mailbox:
             self.mailbox = Mailbox(comm, graph.in_neighbours(self.rank),
                                    graph.out_neighbours(self.rank), x.size,
-                                   policy.slots_per_neighbour, clock)
+                                   policy.slots_per_neighbour, clock, checksum)
             self._mix = np.empty_like(x)
             self._incoming = np.empty_like(x)
 
@@ -74,7 +92,7 @@ class Engine:
             self._mix_neighbours(k, record, idle)
             record.step_scale = self.policy.step_scale()
         else:
-            self.comm.Allreduce(MPI.IN_PLACE, g)
+            wait_for(self.comm.Iallreduce(MPI.IN_PLACE, g), idle)
             g /= self.size
         record.wait_seconds = self.clock() - computed
         apply_step(g, record.step_scale)
@@ -83,10 +101,7 @@ class Engine:
         return record
 
     def _mix_neighbours(self, k, record, idle):
-        # Every microsecond between a deposit landing and this rank noticing
-        # it adds to the iteration: poll at least every 0.1 ms (a 1 ms cap
-        # made LeNet iterations on digits 1.6x slower, for every policy).
-        backoff = Backoff(cap=1e-4)
+        backoff = Backoff(cap=POLL_CAP)
         while (selection := self.policy.select(self.mailbox.headers(), k, self.clock())) is None:
             backoff.wait()
             if idle:
@@ -106,7 +121,7 @@ class Engine:
         self.x[:] = self._mix
         self.policy.mixed(used, k)
 
-    def finish(self):
+    def finish(self, idle=None):
         """Collective: final 'done' deposit, free the windows, average all x_i.
 
         The done deposit comes first so that no neighbour waits for this rank
@@ -115,7 +130,8 @@ class Engine:
         if self.mailbox:
             self.mailbox.deposit(self.x, self.k, done=True)
         average = np.empty(self.x.shape, np.float64)
-        self.comm.Allreduce(self.x.astype(np.float64), average)
+        mine = self.x.astype(np.float64)  # alive until the request completes
+        wait_for(self.comm.Iallreduce(mine, average), idle)
         if self.mailbox:
             self.mailbox.close()
         return (average / self.size).astype(np.float32)

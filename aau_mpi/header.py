@@ -6,7 +6,7 @@ tests build synthetic ones with `empty_headers`.
 
 import numpy as np
 
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2
 
 
 def header_dtype(world_size):
@@ -19,6 +19,7 @@ def header_dtype(world_size):
         ("time", "<f8"),
         ("done", "<i8"),
         ("weight", "<f8"),
+        ("checksum", "<i8"),
         ("epoch", "<i8"),
         ("reach", "<u8", (reach_words,)),
     ])

@@ -74,6 +74,7 @@ class Policy:
         self.own_interval = None            # EWMA of this rank's deposit interval
         self.compute_time = None            # EWMA of this rank's compute phase
         self._last_deposit_time = None
+        self._skipped_at = np.full(m, -1, np.int64)  # seq at which a neighbour was skipped
 
     # ---- timing the engine reports ----------------------------------------
 
@@ -98,10 +99,16 @@ class Policy:
                     self.interval[j] = ewma(self.interval[j], (time - old_time) / (seq - old_seq))
                 self._seen[j] = (seq, time)
 
-    @staticmethod
-    def done(headers):
-        """Neighbours that have finished: never wait for them."""
-        return headers["done"].any(axis=1)
+    def done(self, headers):
+        """Neighbours that have finished, or were skipped and have not deposited since:
+        never wait for them."""
+        return headers["done"].any(axis=1) | (headers["seq"].sum(axis=1) == self._skipped_at)
+
+    def skip(self, neighbours, headers):
+        """Stop waiting for `neighbours` (the watchdog found them stalled) until
+        they deposit again."""
+        for j in neighbours:
+            self._skipped_at[j] = headers["seq"][j].sum()
 
     def fresh(self, headers, slot=0):
         return headers["seq"][:, slot] > self.last_seq[:, slot]

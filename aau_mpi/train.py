@@ -17,6 +17,7 @@ evaluates and saves the average. Around the engine it adds what a run needs:
 
 import argparse
 import math
+import os
 import signal
 import sys
 import time
@@ -33,7 +34,7 @@ from aau_mpi import checkpoint
 from aau_mpi.config import config_from_dict, load_config
 from aau_mpi.control import PREEMPTED, JobControl, events_announced
 from aau_mpi.datasets import load_dataset, partition, shard_loader
-from aau_mpi.engine import Engine
+from aau_mpi.engine import Engine, wait_for
 from aau_mpi.errors import UserError
 from aau_mpi.evaluation import evaluate_job, loss_and_correct
 from aau_mpi.models import FlatParameters, build_model
@@ -42,11 +43,13 @@ from aau_mpi.runlog import Progress, RankLog, append_json_line, summary_table, w
 from aau_mpi.schedule import Schedule
 from aau_mpi.stragglers import build_straggler, slow_down
 from aau_mpi.topology import load_topology
-from aau_mpi.world import init_world, install_abort_hook
+from aau_mpi.world import init_world, install_abort_hook, report_and_abort
 
 EXIT_PREEMPTED = 75          # EX_TEMPFAIL: "try again", what a requeue script looks for
+EXIT_STALLED = 3             # the watchdog ended the job
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 POLL_SECONDS = 0.02          # how often a waiting rank reads the control words
+PAGE_BYTES = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
 @contextmanager
@@ -57,6 +60,15 @@ def section(name):
     except UserError as err:
         message = str(err)
         raise UserError(message if message.startswith(name) else f"{name}: {message}") from None
+
+
+def resident_megabytes():
+    """This process's resident memory (Linux; None elsewhere), logged to show it stays flat."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return round(int(statm.read().split()[1]) * PAGE_BYTES / 2**20, 1)
+    except OSError:
+        return None
 
 
 def parse_args(argv=None):
@@ -149,7 +161,8 @@ class Trainer:
         self.generation = 0          # this rank's newest checkpoint generation
         self.committed = 0
         self.folder = self._run_folder(config_path, resume)
-        self.engine = Engine(self.comm, self.graph, self.policy, self.x, self.clock)
+        self.engine = Engine(self.comm, self.graph, self.policy, self.x, self.clock,
+                             checksum=config.mailbox.checksum)
         if self.manifest:
             self._restore()
         self.control = JobControl(self.comm, self.comm.allreduce(self.own_samples))
@@ -230,12 +243,20 @@ class Trainer:
         if self.device.type != "cpu":
             self.params.load_(self.x)
             self.params.flat_grad.copy_(torch.from_numpy(g))
-        self.step_lr = self.lr(self.schedule.progress(self.samples, self.clock())) * scale
+        self.step_lr = self.lr(self._progress()) * scale
         for group in self.optimizer.param_groups:
             group["lr"] = self.step_lr
         self.optimizer.step()
         if self.device.type != "cpu":
             self.params.host_view()  # refresh the staging buffer the next deposit sends
+
+    def _progress(self):
+        """Fraction of the budget used, for the learning rate. Lock-step ranks
+        use the value agreed after the last step: each rank's own reading of
+        the counter differs, and different steps would let their models drift."""
+        if self.policy.uses_mailbox:
+            return self.schedule.progress(self.samples, self.clock())
+        return self._agreed_progress
 
     # ---- events -------------------------------------------------------------
 
@@ -264,6 +285,7 @@ class Trainer:
 
     def _idle(self):
         """Called while the engine waits for neighbours."""
+        self._watch()
         now = time.monotonic()
         if now - self._polled < POLL_SECONDS:
             return
@@ -271,9 +293,64 @@ class Trainer:
         self.samples, word = self.control.poll()
         self._serve(self._announce(word), stop_allowed=False)
 
+    # ---- the stall watchdog ---------------------------------------------------
+
+    def _watch(self, collective=None):
+        """While waiting: report, and act on, a wait longer than watchdog.seconds.
+
+        `collective`: what this rank waits in when every rank must arrive (an
+        evaluation, the final average); going on without a rank is then
+        impossible, so the watchdog ends the job.
+        """
+        watchdog = self.config.watchdog
+        now = time.monotonic()
+        if watchdog.seconds is None:
+            return
+        if self._waiting_since is None:
+            self._waiting_since = now
+        waited = now - self._waiting_since
+        if waited < watchdog.seconds or self._reported:
+            return
+        self._reported = True  # once per wait
+        report, stalled, headers = self._stall_report(waited, collective)
+        if (collective or watchdog.action == "abort"
+                or (watchdog.action == "auto" and (self.policy.synchronous or not stalled))):
+            report_and_abort(f"watchdog: {report}: ending the job (watchdog.seconds="
+                             f"{watchdog.seconds:g}, action {watchdog.action})",
+                             EXIT_STALLED, self.comm)
+        if watchdog.action == "auto":
+            self.policy.skip(stalled, headers)
+            report += "; going on without them until they deposit again"
+        print(f"[rank {self.rank}] watchdog: {report}", file=sys.stderr, flush=True)
+
+    def _stall_report(self, waited, collective):
+        """(one-line report, indices of the neighbours waited for, header snapshot)."""
+        where = f"in {collective}" if collective else f"at iteration {self.engine.k}"
+        head = f"rank {self.rank} has waited {waited:.1f} s {where}"
+        mailbox = self.engine.mailbox
+        if mailbox is None or mailbox.closed:
+            return f"{head} in an Allreduce: some rank stopped stepping", [], None
+        headers, now = mailbox.headers(), self.clock()
+        parts, stalled = [], []
+        for j, rank in enumerate(mailbox.in_neighbours):
+            seq = int(headers["seq"][j].sum())
+            if headers["done"][j].any():
+                state = "done"
+            elif seq > self.policy.last_seq[j].sum():
+                state = "fresh"
+            else:
+                state = "nothing new"
+                stalled.append(j)
+            age = f"{now - headers['time'][j].max():.1f} s ago" if seq else "never"
+            parts.append(f"rank {rank} (seq {seq}, last deposit {age}, {state})")
+        return f"{head}; its neighbours: {', '.join(parts)}", stalled, headers
+
     def _evaluate(self, number):
         """Collective evaluation; its time is excluded from the training clock."""
-        self.comm.Barrier()
+        # Non-blocking, so the watchdog sees a rank that never arrives; once
+        # every rank is here the evaluation's own collectives complete.
+        self._waiting_since, self._reported = None, False
+        wait_for(self.comm.Ibarrier(), lambda: self._watch("an evaluation"))
         started = self.world.clock()
         at = self.clock()
         record = evaluate_job(self.comm, self.model, self.params, self.x_test, self.y_test,
@@ -288,6 +365,7 @@ class Trainer:
                 self.time_to_target = at
         self.log.span("evaluate", at, 0.0, evaluation=number)
         self.excluded += self.world.clock() - started
+        self._waiting_since = None  # an evaluation is not a stall
 
     # ---- checkpoints ------------------------------------------------------
 
@@ -390,6 +468,10 @@ class Trainer:
         self.last_accuracy, self.time_to_target = None, None
         self.samples = self.comm.allreduce(self.own_samples)
         self._polled = -math.inf
+        self._agreed_progress = self.schedule.progress(self.samples, 0.0)
+        self._waiting_since, self._reported = None, False
+        idle = (self._idle if self.policy.uses_mailbox
+                else lambda: self._watch("the gradient Allreduce"))
         self._schedule_next_checkpoint()
         wait = sleep = 0.0
         iterations = neighbours = 0
@@ -397,20 +479,24 @@ class Trainer:
         self.started = self.world.clock()
         stop = False
         while not stop:
-            record = self.engine.step(self._compute, self._apply_step, self._idle)
+            record = self.engine.step(self._compute, self._apply_step, idle)
+            self._waiting_since, self._reported = None, False
             self.own_samples += config.data.batch_size
             self.samples, word = self.control.add_samples(config.data.batch_size)
             word = self._announce(word)
             if not self.policy.uses_mailbox:
-                # Lock-step ranks must serve the same events after the same step.
-                word = self.comm.allreduce(word, op=MPI.MAX)
+                # Lock-step ranks must serve the same events after the same
+                # step, and take identical steps: agree on both.
+                agreed = np.array([word, self.schedule.progress(self.samples, self.clock())])
+                self.comm.Allreduce(MPI.IN_PLACE, agreed, op=MPI.MAX)
+                word, self._agreed_progress = int(agreed[0]), float(agreed[1])
             stop = self._serve(word, stop_allowed=True)
             iterations += 1
             neighbours += len(record.averaged)
             wait += record.wait_seconds
             sleep += self.delay
             self.log.iteration(record, loss=self.loss, delay=self.delay, samples=self.samples,
-                               lr=self.step_lr)
+                               lr=self.step_lr, rss_mb=resident_megabytes())
             if not stop and self._checkpoint_due():
                 self._write_checkpoint()
                 self._schedule_next_checkpoint()
@@ -419,7 +505,8 @@ class Trainer:
         self.progress.close()
         seconds = self.clock() - self.time_offset
         _, reason = events_announced(self.word)
-        return self._finish(reason, {"iterations": self.engine.k,
+        mailbox = self.engine.mailbox.stats if self.engine.mailbox else {}
+        return self._finish(reason, {"iterations": self.engine.k, "mailbox": mailbox,
                                      "neighbours": neighbours / max(iterations, 1),
                                      "wait_share": wait / max(seconds, 1e-9),
                                      "sleep_share": sleep / max(seconds, 1e-9)})
@@ -430,7 +517,8 @@ class Trainer:
 
     def _finish(self, reason, stats):
         """Collective: average, checkpoint, evaluate, save; returns the exit code."""
-        average = self.engine.finish()
+        self._waiting_since, self._reported = None, False
+        average = self.engine.finish(lambda: self._watch("the final average"))
         # The job's totals: its last rank to stop, every rank's samples.
         seconds = self.comm.allreduce(self.clock(), op=MPI.MAX)
         self.samples = self.comm.allreduce(self.own_samples)
@@ -465,6 +553,7 @@ class Trainer:
                        "neighbours": [r["neighbours"] for r in rows],
                        "wait_share": [r["wait_share"] for r in rows],
                        "sleep_share": [r["sleep_share"] for r in rows],
+                       "mailbox": [r["mailbox"] for r in rows],
                        "stragglers": self.straggler.describe(),
                        "target_accuracy": self.config.eval.target_accuracy,
                        "time_to_target": self.time_to_target,

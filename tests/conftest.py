@@ -32,3 +32,4 @@ def pytest_runtest_logreport(report):
 
 def pytest_configure(config):
     pytest_runtest_logreport.config = config
+    config.addinivalue_line("markers", "soak: long runs of many ranks (SOAK_SECONDS sets the length)")

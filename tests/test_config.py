@@ -30,6 +30,8 @@ FULL = {
     "stragglers": {"name": "fixed", "ranks": [1, 2], "slowdown": 3.0},
     "eval": {"every_seconds": 5.0, "max_samples": 2000, "target_accuracy": 0.9},
     "checkpoint": {"enabled": False, "every_iterations": 100, "keep": 3},
+    "watchdog": {"seconds": 30.0, "action": "warn"},
+    "mailbox": {"checksum": True},
     "output": {"dir": "out", "trace": True, "progress": False},
 }
 

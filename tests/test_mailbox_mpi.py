@@ -5,6 +5,7 @@ windows and frees them, collectively, before the next.
 """
 
 import time
+from functools import partial
 
 import numpy as np
 import pytest
@@ -79,7 +80,8 @@ def test_deposit_completes_while_target_computes_without_mpi_calls():
 
 def race_writers_against_reader(mailbox_class, whole_copies_wanted, floats=1 << 14):
     """Writers deposit vectors filled with their seq as fast as they can while
-    rank 0 copies its slots; returns (whole copies, torn copies, deposits made).
+    rank 0 copies its slots; returns (whole copies, torn copies, deposits made,
+    copies the mailbox's checksum rejected).
 
     64 KB payloads: large enough for a copy to overlap writes often, small
     enough that the reader finds gaps between back-to-back deposits."""
@@ -100,7 +102,7 @@ def race_writers_against_reader(mailbox_class, whole_copies_wanted, floats=1 << 
                     if data[0] != value or data[-1] != value or not np.all(data == value):
                         torn += 1
             mailbox.deposit(np.zeros(floats, np.float32), iteration=0, done=True)
-            result, seq = (copies, torn), 0
+            result, seq = (copies, torn, mailbox.stats["corrupt"]), 0
         else:
             seq = 0
             while not mailbox.headers()["done"].any():
@@ -108,14 +110,14 @@ def race_writers_against_reader(mailbox_class, whole_copies_wanted, floats=1 << 
                 mailbox.deposit(np.full(floats, seq, np.float32), iteration=seq)
             result = None
         writes = comm.reduce(seq, root=0)
-    copies, torn = comm.bcast(result, root=0)
-    return copies, torn, comm.bcast(writes, root=0)
+    copies, torn, corrupt = comm.bcast(result, root=0)
+    return copies, torn, comm.bcast(writes, root=0), corrupt
 
 
 @pytest.mark.mpi(min_size=2)
 def test_no_torn_reads_under_racing_writers():
     """Contract 2: of at least 10,000 copies taken during writes, none is mixed."""
-    copies, torn, writes = race_writers_against_reader(Mailbox, 10_000)
+    copies, torn, writes, _ = race_writers_against_reader(Mailbox, 10_000)
     if comm.rank == 0:
         print(f"\nseqlock: {copies} copies, {torn} torn, {writes} deposits raced them")
     assert copies >= 10_000
@@ -126,10 +128,21 @@ def test_no_torn_reads_under_racing_writers():
 @pytest.mark.mpi(min_size=2)
 def test_torn_read_check_catches_unprotected_writes():
     """The same race without the seqlock's busy mark must show torn copies."""
-    copies, torn, writes = race_writers_against_reader(UnprotectedMailbox, 10_000)
+    copies, torn, writes, _ = race_writers_against_reader(UnprotectedMailbox, 10_000)
     if comm.rank == 0:
         print(f"\nraw put: {copies} copies, {torn} torn, {writes} deposits raced them")
     assert torn > 0
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("mailbox_class,expect_rejected", [
+    (partial(Mailbox, checksum=True), False), (partial(UnprotectedMailbox, checksum=True), True)])
+def test_checksums_pass_every_seqlocked_copy_and_reject_torn_ones(mailbox_class, expect_rejected):
+    """crc32 in the header, verified on read: the seqlock's copies all pass;
+    without the seqlock, the checksum is what catches the torn copies."""
+    copies, torn, writes, rejected = race_writers_against_reader(mailbox_class, 3000)
+    assert torn == 0, "a copy that fails its checksum is never returned"
+    assert (rejected > 0) == expect_rejected, f"{rejected} copies rejected"
 
 
 @pytest.mark.mpi(min_size=3)

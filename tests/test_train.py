@@ -9,9 +9,7 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import h5py
 import numpy as np
@@ -21,54 +19,10 @@ import torch
 from aau_mpi import checkpoint
 from aau_mpi.datasets import load_dataset
 
-REPO = Path(__file__).resolve().parent.parent
-MPIEXEC = Path(sys.executable).with_name("mpiexec")
-ENV = {**os.environ, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
-       "PRTE_MCA_rmaps_default_mapping_policy": ":oversubscribe", "OMPI_MCA_osc": "sm,rdma",
-       "PYTHONUNBUFFERED": "1"}
-# The tests pin a small MLP: quick, and stable under any load on the machine.
-MLP = "model={name: mlp, hidden: [64]}"
-QUICK = [MLP, "budget.epochs=4", "eval.every_epochs=1", "output.progress=false"]
+from launcher import (MLP, QUICK, error_lines, launch, launcher_required, rank_pids,
+                      read_lines, start)
 
-pytestmark = pytest.mark.skipif(not MPIEXEC.exists(), reason=f"no mpiexec beside {sys.executable}")
-
-
-def command(ranks, *args):
-    return [str(MPIEXEC), "-n", str(ranks), sys.executable, "-m", "aau_mpi.train", *args]
-
-
-def launch(ranks, *args, timeout=150):
-    """Run a job to its end; a job that outlives `timeout` is a failure (a hang)."""
-    return subprocess.run(command(ranks, *args), cwd=REPO, env=ENV, capture_output=True,
-                          text=True, timeout=timeout)
-
-
-def rank_processes(launcher):
-    """The Python processes below the launcher (children with Open MPI,
-    grandchildren under MPICH's proxy)."""
-    parents = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            pid, rest = stat.read_text().split(" (", 1)
-            parents[int(pid)] = int(rest.rsplit(") ", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue  # the process ended while we looked
-    below, found = {launcher}, True
-    while found:
-        found = {pid for pid, parent in parents.items() if parent in below} - below
-        below |= found
-    ranks = []
-    for pid in below - {launcher}:
-        try:
-            if Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0] == sys.executable.encode():
-                ranks.append(pid)
-        except OSError:
-            continue
-    return ranks
-
-
-def error_lines(result):
-    return [line for line in result.stderr.splitlines() if "error:" in line]
+pytestmark = launcher_required()
 
 
 @pytest.fixture(scope="module")
@@ -78,10 +32,6 @@ def finished_run(tmp_path_factory):
                     "output.trace=true", "eval.target_accuracy=0.5", *QUICK)
     assert result.returncode == 0, result.stderr[-3000:]
     return out / "demo", result
-
-
-def read_lines(path):
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def test_a_run_leaves_its_config_logs_summary_and_final_model(finished_run):
@@ -132,8 +82,7 @@ def test_a_preempted_run_checkpoints_exits_75_and_resumes(tmp_path, policy, how)
             f"policy.name={policy}", "budget.epochs=100000", "checkpoint.every_seconds=0.5",
             "optim.schedule.name=constant", "optim.warmup=0",
             "eval.every_epochs=3", "output.progress=false"]
-    job = subprocess.Popen(command(4, *args), cwd=REPO, env=ENV, stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True)
+    job = start(4, *args)
     folder = tmp_path / "job"
     try:
         deadline = time.monotonic() + 90
@@ -145,9 +94,9 @@ def test_a_preempted_run_checkpoints_exits_75_and_resumes(tmp_path, policy, how)
         if how == "SIGUSR1 to mpiexec":
             job.send_signal(signal.SIGUSR1)  # mpiexec forwards it to the ranks
         else:
-            ranks = rank_processes(job.pid)
-            assert len(ranks) == 4
-            for pid in ranks:
+            ranks = rank_pids(job.pid)
+            assert sorted(ranks) == [0, 1, 2, 3]
+            for pid in ranks.values():
                 os.kill(pid, signal.SIGTERM)
         out, err = job.communicate(timeout=60)
     finally:

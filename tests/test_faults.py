@@ -1,0 +1,148 @@
+"""Faults a decentralized asynchronous job must survive or end cleanly (issue 7).
+
+Each test runs a real job under the real launcher with a hard timeout, does
+something bad to one rank, and checks that nothing hangs and nothing saved is
+lost: a killed rank ends the whole job and a resume continues from the last
+checkpoint; a rank killed while checkpointing leaves the previous generation
+loadable; a neighbour that stops depositing is reported by the watchdog,
+which goes on without it (asynchronous policies) or ends the job
+(synchronous ones).
+"""
+
+import json
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+
+from aau_mpi import checkpoint
+
+from launcher import MLP, launch, launcher_required, rank_pids, start
+
+pytestmark = launcher_required()
+LONG = ["--config", "jobs/demo.yaml", MLP, "name=job", "budget.epochs=100000",
+        "optim.schedule.name=constant", "optim.warmup=0", "eval.every_epochs=5",
+        "output.progress=false"]
+
+
+def wait_for(condition, job, seconds=90, what="the job to get going"):
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert job.poll() is None, job.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def committed(folder):
+    return list(folder.glob("checkpoints/gen-*/manifest.h5"))
+
+
+def test_a_killed_rank_ends_the_job_and_resume_loses_at_most_one_interval(tmp_path):
+    interval = 1.0
+    job = start(4, *LONG, f"output.dir={tmp_path}", f"checkpoint.every_seconds={interval}")
+    folder = tmp_path / "job"
+    try:
+        wait_for(lambda: len(committed(folder)) >= 1 and len(list(
+            (folder / "checkpoints").glob("gen-00000[2-9]"))) >= 1, job, what="two generations")
+        killed = time.monotonic()
+        victim = rank_pids(job.pid)[2]
+        os.kill(victim, signal.SIGKILL)
+        out, err = job.communicate(timeout=60)  # the launcher must end every rank
+    finally:
+        job.kill()
+    assert job.returncode != 0
+    assert time.monotonic() - killed < 60
+    assert str(victim) in err or "rank 2" in err.lower() or "[1,2]" in err, err[-2000:]
+
+    # Training time of the newest complete checkpoint against the last logged step.
+    manifest = checkpoint.read_manifest(checkpoint.find_checkpoint(folder))
+    saved = min(checkpoint.read_rank_state(manifest, r)[1]["training_seconds"] for r in range(4))
+    reached = max(read_lines_tolerant(folder / f"rank-{r:05d}.jsonl")[-1]["time"]
+                  for r in range(4))
+    lost = reached - saved
+    assert lost <= 2 * interval + 1.0, f"{lost:.1f} s of training lost"
+
+    result = launch(4, "--resume", str(folder), "budget.epochs=null", "budget.seconds=" +
+                    str(round(reached + 1.0, 1)), timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((folder / "summary.json").read_text())["exit"] == "finished"
+
+
+def read_lines_tolerant(path):
+    """A killed rank may leave half a line at the end of its log."""
+    lines = path.read_text().splitlines()
+    records = []
+    for line in lines:
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return records
+
+
+def test_ranks_killed_while_checkpointing_leave_the_last_generation_loadable(tmp_path):
+    """Checkpoints every iteration, so a SIGKILL lands in (or next to) a write."""
+    for attempt in range(3):
+        job = start(4, *LONG, f"output.dir={tmp_path / str(attempt)}",
+                    "checkpoint.every_seconds=null", "checkpoint.every_iterations=1")
+        folder = tmp_path / str(attempt) / "job"
+        try:
+            wait_for(lambda: len(committed(folder)) >= 1, job)
+            time.sleep(0.1 + 0.37 * attempt)
+            os.kill(rank_pids(job.pid)[attempt + 1], signal.SIGKILL)
+            job.communicate(timeout=60)
+        finally:
+            job.kill()
+        manifest = checkpoint.read_manifest(checkpoint.find_checkpoint(folder))
+        for rank in range(4):
+            arrays, info = checkpoint.read_rank_state(manifest, rank)  # verifies crc32s
+            assert np.isfinite(arrays["params"]).all() and info["iteration"] > 0
+
+
+def test_the_watchdog_reports_a_stopped_neighbour_and_async_goes_on(tmp_path):
+    # No evaluations: one falling in the pause would need rank 1 and end the job.
+    job = start(4, *LONG, f"output.dir={tmp_path}", "budget.epochs=null", "budget.seconds=25",
+                "eval.every_epochs=null", "watchdog.seconds=2", "checkpoint.every_seconds=1")
+    folder = tmp_path / "job"
+    try:
+        wait_for(lambda: committed(folder), job)
+        paused = rank_pids(job.pid)[1]
+        os.kill(paused, signal.SIGSTOP)  # hung: alive, but never deposits
+        time.sleep(6)
+        os.kill(paused, signal.SIGCONT)
+        out, err = job.communicate(timeout=90)
+    finally:
+        job.kill()
+    assert job.returncode == 0, err[-3000:]
+    reports = [line for line in err.splitlines() if "watchdog:" in line]
+    assert reports, err[-3000:]
+    assert any("rank 1 (seq" in line and "nothing new" in line and "going on without" in line
+               for line in reports), reports
+    # The pause is the longest gap in rank 1's log; rank 3 trained through it.
+    times = [r["time"] for r in read_lines_tolerant(folder / "rank-00001.jsonl")]
+    gap = int(np.argmax(np.diff(times)))
+    start_pause, end_pause = times[gap], times[gap + 1]
+    assert end_pause - start_pause > 4
+    during = [r for r in read_lines_tolerant(folder / "rank-00003.jsonl")
+              if start_pause < r["time"] < end_pause]
+    assert len(during) >= 10, f"rank 3 did {len(during)} iterations while rank 1 was stopped"
+
+
+def test_the_watchdog_ends_a_synchronous_job_whose_neighbour_stopped(tmp_path):
+    job = start(4, *LONG, f"output.dir={tmp_path}", "policy.name=dpsgd", "watchdog.seconds=2")
+    folder = tmp_path / "job"
+    try:
+        wait_for(lambda: (folder / "rank-00000.jsonl").exists(), job)
+        time.sleep(1)
+        os.kill(rank_pids(job.pid)[1], signal.SIGSTOP)
+        out, err = job.communicate(timeout=60)
+    finally:
+        job.kill()
+    assert job.returncode == 3, err[-3000:]
+    lines = [line for line in err.splitlines() if "error: watchdog:" in line]
+    assert lines and all("ending the job" in line for line in lines), err[-3000:]
+    # Ranks 0 and 2 wait for rank 1; rank 3 waits for them. Whichever reports
+    # first ends the job, so its line names rank 1 or ranks 0 and 2.
+    assert any("rank 1 (seq" in line or "rank 0 (seq" in line for line in lines), lines
