@@ -1,0 +1,189 @@
+"""What the benchmarks in bench/ share: launching jobs, training runs in one process, reports.
+
+Starting a rank (Python, torch, MPI) costs about 5 s on the development
+machine, more than one small training run, so a benchmark trains many runs
+inside one MPI job: `train_run` builds one config and calls the trainer,
+which is collective, frees its windows at the end and writes a normal run
+folder that `read_run` then reads back.
+"""
+
+import contextlib
+import datetime
+import io
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+RESULTS = BENCH / "results"
+BIN = Path(sys.executable).parent
+MPIEXEC = BIN / "mpiexec"
+TORCHRUN = BIN / "torchrun"
+
+# What the Makefile exports: Open MPI as root, more ranks than cores, and only
+# the shared-memory / RDMA one-sided components. A user's own settings win.
+MPI_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+           "PRTE_MCA_rmaps_default_mapping_policy": ":oversubscribe",
+           "OMPI_MCA_osc": "sm,rdma", "PYTHONUNBUFFERED": "1"}
+
+
+def launch(command, timeout=None):
+    """Run a job (its output goes to ours); a failure ends the benchmark."""
+    env = {**MPI_ENV, **os.environ, "PYTHONPATH": os.pathsep.join(
+        filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    print("+ " + " ".join(map(str, command)), flush=True)
+    result = subprocess.run([str(c) for c in command], cwd=REPO, env=env, timeout=timeout)
+    if result.returncode != 0:
+        raise SystemExit(f"error: {command[0]} exited with status {result.returncode}")
+
+
+def machine():
+    """One line about where the numbers were taken."""
+    import torch
+    return (f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}, "
+            f"Python {platform.python_version()}, torch {torch.__version__}")
+
+
+def mpi_library():
+    """The MPI library's name and version, without initialising MPI in this process."""
+    import mpi4py
+    mpi4py.rc.initialize = False
+    from mpi4py import MPI
+    return MPI.Get_library_version().splitlines()[0].strip().rstrip("\0")
+
+
+def today():
+    return datetime.date.today().isoformat()
+
+
+def write_json(path, record):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    return path
+
+
+def median(values):
+    """Median of the values that exist (None and nan are left out); None when none do."""
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    return float(np.median(values)) if values else None
+
+
+def cell(value, spec=".3f"):
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if isinstance(value, float) and math.isinf(value):
+        return "not reached"
+    return format(value, spec) if isinstance(value, (int, float)) else str(value)
+
+
+def markdown_table(headers, rows):
+    lines = [headers, ["---"] * len(headers)] + [[str(c) for c in row] for row in rows]
+    return "\n".join("| " + " | ".join(line) + " |" for line in lines) + "\n"
+
+
+def text_table(headers, rows):
+    lines = [headers] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(headers))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip()
+                     for line in lines)
+
+
+# ------------------------------------------------------------ runs inside one job
+
+def train_run(world, config_path, overrides):
+    """Collective: train one run of `config_path` + `overrides`; returns its Config.
+
+    The trainer's own summary table is silenced (the benchmark prints one line
+    per run); the run folder is written as usual.
+    """
+    from aau_mpi.config import load_config
+    from aau_mpi.train import Trainer
+
+    config = load_config(config_path, list(overrides) + ["output.progress=false"])
+    with contextlib.redirect_stdout(io.StringIO()):
+        Trainer(world, config, config_path).run()
+    return config
+
+
+def run_folder(config):
+    return Path(config.output.dir) / config.name
+
+
+def read_run(config):
+    """The numbers of one finished run, from its folder (call on one rank)."""
+    from aau_mpi.plot import load_run
+
+    run = load_run(run_folder(config))
+    summary = run.summary
+    # A step's own cost: compute without the straggler's sleep.
+    steps = [r["compute"] - r.get("delay", 0.0) for records in run.ranks.values()
+             for r in records]
+    target = config.eval.target_accuracy
+    reached = next((e for e in run.evals if target is not None and e["accuracy"] >= target), None)
+    return {
+        "folder": str(run.folder),
+        "accuracy": summary["accuracy"], "loss": summary["loss"],
+        "seconds": summary["seconds"], "samples": summary["samples"],
+        "samples_per_second": summary["samples"] / summary["seconds"],
+        "target": target,
+        "time_to_target": summary["time_to_target"],
+        "epochs_to_target": reached["epochs"] if reached else None,
+        "iterations": summary["iterations"], "neighbours": summary["neighbours"],
+        "wait_share": summary["wait_share"], "sleep_share": summary["sleep_share"],
+        "step_seconds": float(np.median(steps)) if steps else None,
+        # (training seconds, global samples, accuracy, loss) of the averaged model
+        "curve": [[e["time"], e["samples"], e["accuracy"], e["loss"]] for e in run.evals],
+    }
+
+
+_DATA = {}
+
+
+def shard_accuracy(config, model, size):
+    """Accuracy of `model` on each rank's training shard, as the trainer partitioned them."""
+    import torch
+    from aau_mpi.datasets import load_dataset, partition
+
+    key = json.dumps([config.data.name, config.data.params], sort_keys=True, default=str)
+    if key not in _DATA:
+        _DATA[key] = load_dataset(config.data.name, config.data.params)
+    data = _DATA[key]
+    parts = partition(data.y_train.numpy(), size, config.data.partition.name,
+                      seed=config.seed, **config.data.partition.params)
+    accuracies = []
+    for part in parts:
+        index = torch.as_tensor(part)
+        _, correct = loss_and_correct(model, data.x_train[index], data.y_train[index],
+                                      config.data.eval_batch_size)
+        accuracies.append(correct / len(part))
+    return accuracies
+
+
+def loss_and_correct(model, x, y, batch_size):
+    """Summed cross-entropy and correct predictions over (x, y).
+
+    aau_mpi.evaluation has the same function, but importing that module
+    initialises MPI, which the DDP reference's processes must not do.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    was_training = model.training
+    model.eval()
+    loss, correct = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(y), batch_size):
+            logits = model(x[start:start + batch_size])
+            target = y[start:start + batch_size]
+            loss += F.cross_entropy(logits, target, reduction="sum").item()
+            correct += int((logits.argmax(1) == target).sum())
+    model.train(was_training)
+    return loss, correct
