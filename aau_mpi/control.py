@@ -6,8 +6,10 @@ A small window on rank 0 holds int64 words:
     1          the event word: job-wide events, announced in order (below)
     2 + r      the newest checkpoint generation that rank r has written
 
-Every operation is an atomic accumulate-family call (`Get_accumulate`,
-`Fetch_and_op`, `Compare_and_swap`) followed by a `Flush`. MPI makes
+Every operation is an atomic accumulate-family call (`Fetch_and_op`,
+`Compare_and_swap`, and `Get_accumulate` to read many words at a checkpoint)
+followed by a `Flush`; origin and target always name INT64_T (MPICH rejects
+numpy's inferred LONG against an INT64_T target). MPI makes
 accumulates to one location atomic with respect to each other, whichever
 rank issues them, and an accumulate completes at a passive target without
 the target making MPI calls (the same passive progress the mailbox relies
@@ -57,28 +59,39 @@ class JobControl:
         self.win.Lock_all()
         comm.Barrier()
 
-    def _fetch(self, first, count, op, values=None):
-        origin, result = self._origin[:count], self._result[:count]
-        origin[:] = 0 if values is None else values
-        self.win.Get_accumulate([origin, count, MPI.INT64_T], [result, count, MPI.INT64_T],
-                                0, target=(first, count, MPI.INT64_T), op=op)
+    def _read(self, first, count):
+        """`count` words from `first`, each read atomically (Get_accumulate NO_OP)."""
+        result = self._result[:count]
+        self.win.Get_accumulate([self._origin[:count], count, MPI.INT64_T],
+                                [result, count, MPI.INT64_T], 0,
+                                target=(first, count, MPI.INT64_T), op=MPI.NO_OP)
         self.win.Flush(0)
         return result.copy()
 
-    def add_samples(self, samples):
-        """Add this rank's samples; return (total after the addition, event word).
+    def _fetch_two(self, samples, op):
+        """(samples word, event word) before adding `samples` with `op`: one round trip.
 
-        One round trip: a SUM of (samples, 0) on words 0-1 fetches both, each
-        atomically (element-wise atomicity is all that MPI promises and all
-        that is needed: the two words are independent).
+        Two Fetch_and_op calls completed by one Flush; each word is read
+        atomically, which is all that is needed (the words are independent).
+        Get_accumulate over both words would do it in one call, but leaked
+        128 bytes per call in MPICH 4's wheel, and this runs every iteration.
         """
-        old = self._fetch(SAMPLES, 2, MPI.SUM, (samples, 0))
-        return int(old[0]) + samples, int(old[1])
+        self._origin[0] = samples
+        self.win.Fetch_and_op([self._origin[:1], 1, MPI.INT64_T],
+                              [self._result[:1], 1, MPI.INT64_T], 0, SAMPLES, op=op)
+        self.win.Fetch_and_op([self._origin[:1], 1, MPI.INT64_T],
+                              [self._result[1:2], 1, MPI.INT64_T], 0, EVENTS, op=MPI.NO_OP)
+        self.win.Flush(0)
+        return int(self._result[0]), int(self._result[1])
+
+    def add_samples(self, samples):
+        """Add this rank's samples; return (total after the addition, event word)."""
+        old, word = self._fetch_two(samples, MPI.SUM)
+        return old + samples, word
 
     def poll(self):
         """(samples used, event word), read atomically without changing them."""
-        words = self._fetch(SAMPLES, 2, MPI.NO_OP)
-        return int(words[0]), int(words[1])
+        return self._fetch_two(0, MPI.NO_OP)
 
     def announce(self, seen, new):
         """Swap the event word from `seen` to `new`; return the word found there.
@@ -98,12 +111,11 @@ class JobControl:
         rank that writes last always sees every rank's generation.
         """
         self._origin[0] = generation
-        # Origin and target must name the same predefined type (MPICH rejects
-        # numpy's inferred MPI.LONG against an INT64_T target).
-        self.win.Accumulate([self._origin[:1], 1, MPI.INT64_T], 0,
-                            target=(GENERATIONS + self.rank, 1, MPI.INT64_T), op=MPI.REPLACE)
+        self.win.Fetch_and_op([self._origin[:1], 1, MPI.INT64_T],
+                              [self._result[:1], 1, MPI.INT64_T], 0, GENERATIONS + self.rank,
+                              op=MPI.REPLACE)
         self.win.Flush(0)
-        return int(self._fetch(GENERATIONS, self.size, MPI.NO_OP).min())
+        return int(self._read(GENERATIONS, self.size).min())
 
     def close(self):
         """Collective."""

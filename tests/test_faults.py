@@ -54,7 +54,10 @@ def test_a_killed_rank_ends_the_job_and_resume_loses_at_most_one_interval(tmp_pa
         job.kill()
     assert job.returncode != 0
     assert time.monotonic() - killed < 60
-    assert str(victim) in err or "rank 2" in err.lower() or "[1,2]" in err, err[-2000:]
+    # Open MPI: "process rank 2 with PID ... exited on signal 9"; MPICH's
+    # launcher prints "BAD TERMINATION ... PID <pid> ..." on stdout.
+    said = out + err
+    assert "rank 2" in said or str(victim) in said, said[-2000:]
 
     # Training time of the newest complete checkpoint against the last logged step.
     manifest = checkpoint.read_manifest(checkpoint.find_checkpoint(folder))
