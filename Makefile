@@ -5,7 +5,7 @@
 #   make test MPI=mpich   the same against the MPICH wheel (in .venv-mpich)
 #   make test-slurm    the Slurm templates on a one-node Slurm cluster (installs Slurm with apt as root)
 #   make bench         the benchmarks in bench/ (numbers land in bench/results/)
-#   make bench-stragglers   only the straggler, scaling and policy-cost benchmarks (~15 min)
+#   make bench-stragglers   only the straggler, scaling and policy-cost benchmarks (~6 min)
 #   make soak          the 16-rank soak test at full length (10 min)
 #
 # The quick path pins the CPU build of torch that this machine holds on disk;

@@ -139,10 +139,13 @@ def test_torn_read_check_catches_unprotected_writes():
     (partial(Mailbox, checksum=True), False), (partial(UnprotectedMailbox, checksum=True), True)])
 def test_checksums_pass_every_seqlocked_copy_and_reject_torn_ones(mailbox_class, expect_rejected):
     """crc32 in the header, verified on read: the seqlock's copies all pass;
-    without the seqlock, the checksum is what catches the torn copies."""
+    without the seqlock, the checksum rejects torn payloads. (It cannot catch
+    a torn header there, whose seq and checksum come from two deposits, so
+    the unprotected run may still return a copy that the seq check calls torn.)"""
     copies, torn, writes, rejected = race_writers_against_reader(mailbox_class, 3000)
-    assert torn == 0, "a copy that fails its checksum is never returned"
     assert (rejected > 0) == expect_rejected, f"{rejected} copies rejected"
+    if not expect_rejected:
+        assert torn == 0
 
 
 @pytest.mark.mpi(min_size=3)
