@@ -5,12 +5,14 @@ model x_i on the test set, the ranks average their parameters into x_bar
 (Allreduce) and measure the consensus distance (1/N) sum_i ||x_i - x_bar||^2,
 and x_bar is evaluated with the test set split across the ranks so that each
 evaluates 1/N of it. Rank 0 gets the record; the other ranks get None.
+
+The module does not import mpi4py (that would initialise MPI), so code that
+is not an MPI job, such as the DDP reference, can use `loss_and_correct`.
 """
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from mpi4py import MPI
 
 
 @torch.no_grad()
@@ -50,8 +52,9 @@ def evaluate_job(comm, model, params, x_test, y_test, batch_size):
     bar_loss, bar_correct = loss_and_correct(model, x_test[share], y_test[share], batch_size)
     params.flat.copy_(own)
 
-    sums = np.array([bar_loss, bar_correct, distance], np.float64)
-    comm.Allreduce(MPI.IN_PLACE, sums)
+    local = np.array([bar_loss, bar_correct, distance], np.float64)
+    sums = np.empty_like(local)
+    comm.Allreduce(local, sums)
     per_rank = comm.gather((own_loss / n, own_correct / n), root=0)
     if rank != 0:
         return None

@@ -14,11 +14,15 @@ import json
 import math
 import os
 import platform
+import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
+
+from aau_mpi import evaluation
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -161,29 +165,19 @@ def shard_accuracy(config, model, size):
     accuracies = []
     for part in parts:
         index = torch.as_tensor(part)
-        _, correct = loss_and_correct(model, data.x_train[index], data.y_train[index],
+        _, correct = evaluation.loss_and_correct(model, data.x_train[index], data.y_train[index],
                                       config.data.eval_batch_size)
         accuracies.append(correct / len(part))
     return accuracies
 
 
-def loss_and_correct(model, x, y, batch_size):
-    """Summed cross-entropy and correct predictions over (x, y).
-
-    aau_mpi.evaluation has the same function, but importing that module
-    initialises MPI, which the DDP reference's processes must not do.
-    """
-    import torch
-    import torch.nn.functional as F
-
-    was_training = model.training
-    model.eval()
-    loss, correct = 0.0, 0
-    with torch.no_grad():
-        for start in range(0, len(y), batch_size):
-            logits = model(x[start:start + batch_size])
-            target = y[start:start + batch_size]
-            loss += F.cross_entropy(logits, target, reduction="sum").item()
-            correct += int((logits.argmax(1) == target).sum())
-    model.train(was_training)
-    return loss, correct
+def median_seconds(action, repeats):
+    """Median wall time of `action` over `repeats` calls, after one warm-up call
+    (the first call pays for page faults and lazy initialisation)."""
+    action()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        action()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 import benchlib
+from aau_mpi import evaluation
 from aau_mpi.config import load_config
 from aau_mpi.datasets import load_dataset, partition, shard_loader
 from aau_mpi.models import build_model
@@ -93,7 +94,7 @@ def train(config, data, rank, size):
         return time.perf_counter() - started - excluded
 
     def evaluate():
-        loss, correct = benchlib.loss_and_correct(model, x_test, y_test,
+        loss, correct = evaluation.loss_and_correct(model, x_test, y_test,
                                                   config.data.eval_batch_size)
         return loss / len(y_test), correct / len(y_test)
 
@@ -139,7 +140,7 @@ def train(config, data, rank, size):
             "sleep_share": [sleep / seconds] + [None] * (size - 1),
             "step_seconds": compute_seconds,
             "curve": curve,
-            "shard_accuracy": [benchlib.loss_and_correct(
+            "shard_accuracy": [evaluation.loss_and_correct(
                 model, data.x_train[torch.as_tensor(p)], data.y_train[torch.as_tensor(p)],
                 config.data.eval_batch_size)[1] / len(p) for p in parts]}
 

@@ -14,25 +14,14 @@ import datetime
 import json
 import os
 import platform
-import statistics
-import time
 
 import numpy as np
 from mpi4py import MPI
 
+import benchlib
 from aau_mpi.mailbox import Mailbox
 
 DEFAULT_OUT = os.path.join(os.path.dirname(__file__), "results", "mailbox_bandwidth.json")
-
-
-def median_seconds(action, repeats):
-    action()  # warm-up: first touch of the pages
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        action()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def measure(comm, megabytes, repeats):
@@ -49,9 +38,9 @@ def measure(comm, megabytes, repeats):
                 mailbox.win.Put([payload, floats, MPI.FLOAT], 1, target=(offset, floats, MPI.FLOAT))
                 mailbox.win.Flush(1)
 
-            deposit = median_seconds(lambda: mailbox.deposit(payload, iteration=0), repeats)
-            put = median_seconds(bare_put, repeats)
-            memcpy = median_seconds(lambda: np.copyto(copy_target, payload), repeats)
+            deposit = benchlib.median_seconds(lambda: mailbox.deposit(payload, iteration=0), repeats)
+            put = benchlib.median_seconds(bare_put, repeats)
+            memcpy = benchlib.median_seconds(lambda: np.copyto(copy_target, payload), repeats)
             nbytes = floats * 4
             row = {"megabytes": megabytes, "repeats": repeats,
                    "deposit_gb_s": nbytes / deposit / 1e9, "put_gb_s": nbytes / put / 1e9,

@@ -37,16 +37,6 @@ DEGREES = (2, 4, 16)
 SIZES_M = (0.1, 1.0, 11.2, 50.0)  # million parameters: ..., ResNet-18's 11.2 M, ...
 
 
-def median_seconds(action, repeats):
-    action()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        action()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def select_seconds(name, degree, repeats):
     """Median seconds of `select` (with the `mixed` bookkeeping between calls left out)."""
     graph = load_topology("complete", degree + 1)
@@ -88,7 +78,7 @@ def step_seconds(repeats):
         F.cross_entropy(model(x), y).backward()
         optimizer.step()
 
-    return median_seconds(step, repeats), sum(p.numel() for p in model.parameters())
+    return benchlib.median_seconds(step, repeats), sum(p.numel() for p in model.parameters())
 
 
 def size_row(comm, millions, repeats):
@@ -104,9 +94,9 @@ def size_row(comm, millions, repeats):
             mailbox.deposit(payload, iteration=0)  # a fresh deposit for rank 0 to select
         comm.Barrier()
         if comm.rank == 0:
-            decide = median_seconds(lambda: policy.select(mailbox.headers(), 1, MPI.Wtime()),
+            decide = benchlib.median_seconds(lambda: policy.select(mailbox.headers(), 1, MPI.Wtime()),
                                     repeats)
-            deposit = median_seconds(lambda: mailbox.deposit(payload, iteration=0),
+            deposit = benchlib.median_seconds(lambda: mailbox.deposit(payload, iteration=0),
                                      max(3, repeats // max(1, int(millions))))
             row = {"parameters_millions": millions, "policy_seconds": decide,
                    "deposit_seconds": deposit}
