@@ -189,7 +189,9 @@ def busy_until_second_deposit(mailbox, busy_seconds):
 
 
 def median_seconds(action, repeats=5):
-    action()  # first touch of the pages
+    """Median wall time of `action` over `repeats` calls, after one warm-up call
+    (the first pays for page faults and lazy set-up). The benchmarks use it too."""
+    action()
     times = []
     for _ in range(repeats):
         started = time.perf_counter()

@@ -14,15 +14,14 @@ import json
 import math
 import os
 import platform
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
 from aau_mpi import evaluation
+from aau_mpi.doctor import median_seconds  # noqa: F401 (the benchmarks' timer, shared with the doctor)
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -171,13 +170,9 @@ def shard_accuracy(config, model, size):
     return accuracies
 
 
-def median_seconds(action, repeats):
-    """Median wall time of `action` over `repeats` calls, after one warm-up call
-    (the first call pays for page faults and lazy initialisation)."""
-    action()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        action()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def require_two_ranks(comm, script):
+    """The two-rank benchmarks (a depositor and a target): exit 2 with the fix otherwise."""
+    if comm.size != 2:
+        if comm.rank == 0:
+            print(f"error: run with exactly 2 ranks: mpiexec -n 2 python bench/{script}")
+        raise SystemExit(2)

@@ -55,10 +55,7 @@ def main():
     parser.add_argument("--out", default=DEFAULT_OUT)
     args = parser.parse_args()
     comm = MPI.COMM_WORLD
-    if comm.size != 2:
-        if comm.rank == 0:
-            print("error: run with exactly 2 ranks: mpiexec -n 2 python bench/mailbox_bandwidth.py")
-        raise SystemExit(2)
+    benchlib.require_two_ranks(comm, "mailbox_bandwidth.py")
     rows = [measure(comm, mb, repeats=max(3, 200 // mb)) for mb in args.sizes_mb]
     if comm.rank != 0:
         return

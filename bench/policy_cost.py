@@ -110,10 +110,7 @@ def main():
     parser.add_argument("--out", default=str(benchlib.RESULTS))
     args = parser.parse_args()
     comm = MPI.COMM_WORLD
-    if comm.size != 2:
-        if comm.rank == 0:
-            print("error: run with exactly 2 ranks: mpiexec -n 2 python bench/policy_cost.py")
-        raise SystemExit(2)
+    benchlib.require_two_ranks(comm, "policy_cost.py")
     repeats = 50 if args.quick else 1000
     sizes = SIZES_M[:2] if args.quick else SIZES_M
     rows = [size_row(comm, millions, repeats) for millions in sizes]
