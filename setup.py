@@ -17,7 +17,7 @@ RUNTIME = [
 
 setup(
     name="aau_mpi",
-    version="0.1.0",
+    version="0.2.0",
     description="Decentralized asynchronous SGD with adaptive updates on MPI one-sided windows",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",

@@ -83,16 +83,18 @@ def write_rank_state(root, generation, rank, world_size, arrays, info):
     return path
 
 
-def commit_generation(root, generation, world_size, config_yaml, meta, keep=2):
+def commit_generation(root, generation, world_size, config_yaml, meta, keep=2, prune_old=True):
     """Mark `generation` complete (its manifest), then prune old generations; return the manifest.
 
-    Call it once every rank has written the generation. Idempotent, and safe
-    for several ranks to call at once: each writes an equivalent manifest
-    through its own temp file, and a directory is pruned by whoever renames it
-    away first. Pruning assumes generations are committed in order (a commit
-    of g never overlaps one of g+1): it removes every directory older than the
-    committed one except the newest `keep` complete generations, and never
-    touches a newer directory, which ranks may still be writing.
+    Call it once every rank has written the generation: a rank file is
+    renamed into place only when complete, so its presence is all that is
+    checked here (one stat per rank: opening N files would put N reads on
+    the committer's training path); its contents are verified, crc32 and
+    attributes, whenever it is read. Idempotent, and safe for several ranks
+    to call at once: each writes an equivalent manifest through its own temp
+    file, and a directory is pruned by whoever renames it away first. With
+    `prune_old`, removes every directory older than the committed one except
+    the newest `keep` complete generations (see `prune`).
     """
     if keep < 1:
         raise UserError(f"checkpoint keep must be at least 1 (got {keep}): "
@@ -103,8 +105,6 @@ def commit_generation(root, generation, world_size, config_yaml, meta, keep=2):
         if not path.exists():
             raise UserError(f"cannot commit generation {generation}: {path} is missing: "
                             f"every rank must write its state before the commit")
-        with open_h5(path, RANK_FORMAT, resume_hint(gen_dir)) as file:
-            check_rank_attrs(file, path, rank, world_size, generation)
     manifest = gen_dir / MANIFEST
     with atomic_h5(manifest) as file:
         file.attrs.update(format_version=FORMAT_VERSION, generation=generation,
@@ -115,12 +115,18 @@ def commit_generation(root, generation, world_size, config_yaml, meta, keep=2):
             # Relative links: HDF5 resolves them next to the manifest, so the
             # generation directory can be moved or copied as a whole.
             ranks[f"{rank:05d}"] = h5py.ExternalLink(rank_file_name(rank), "/")
-    prune(Path(root), generation, keep)
+    if prune_old:
+        prune(Path(root), generation, keep)
     return manifest
 
 
 def prune(root, committed, keep):
-    """Remove generation dirs older than `committed`, except the newest `keep` complete ones."""
+    """Remove generation dirs older than `committed`, except the newest `keep` complete ones.
+
+    Assumes generations are committed in order (a commit of g never overlaps
+    one of g+1), and never touches a newer directory, which ranks may still
+    be writing."""
+    root = Path(root)
     kept = {number for number, _ in complete_generations(root)[-keep:]}
     for number, path in generations(root):
         if number >= committed or number in kept:

@@ -41,6 +41,7 @@ from pathlib import Path
 import yaml
 
 from aau_mpi.datasets import DATASETS, PARTITIONS
+from aau_mpi.depositor import OVERLAP_MODES
 from aau_mpi.errors import UserError
 from aau_mpi.models import MODELS
 from aau_mpi.optim import SCHEDULES, LearningRate
@@ -152,6 +153,7 @@ class WatchdogConfig:
 @dataclass
 class MailboxConfig:
     checksum: bool = False           # crc32 every deposit, verify every read
+    overlap: str = "auto"            # thread | inline | auto (aau_mpi.depositor)
 
 
 @dataclass
@@ -300,7 +302,9 @@ PLAIN_SECTIONS = {
     "watchdog": (WatchdogConfig, {"seconds": _optional("float", POSITIVE),
                                   "action": _Field("str", (lambda v: v in WATCHDOG_ACTIONS,
                                                            f"one of {', '.join(WATCHDOG_ACTIONS)}"))}),
-    "mailbox": (MailboxConfig, {"checksum": _Field("bool")}),
+    "mailbox": (MailboxConfig, {"checksum": _Field("bool"),
+                                "overlap": _Field("str", (lambda v: v in OVERLAP_MODES,
+                                                          f"one of {', '.join(OVERLAP_MODES)}"))}),
     "output": (OutputConfig, {"dir": _Field("path"),
                               "trace": _Field("bool"),
                               "progress": _Field("bool")}),

@@ -3,41 +3,27 @@
 A small window on rank 0 holds int64 words:
 
     0          samples used by all ranks together (the global sample budget)
-    1          the event word: job-wide events, announced in order (below)
+    1          the event word: job-wide events, announced in order
+               (its encoding is `aau_mpi.schedule`'s)
     2 + r      the newest checkpoint generation that rank r has written
 
 Every operation is an atomic accumulate-family call (`Fetch_and_op`,
 `Compare_and_swap`, and `Get_accumulate` to read many words at a checkpoint)
 followed by a `Flush`; origin and target always name INT64_T (MPICH rejects
-numpy's inferred LONG against an INT64_T target). MPI makes
-accumulates to one location atomic with respect to each other, whichever
-rank issues them, and an accumulate completes at a passive target without
-the target making MPI calls (the same passive progress the mailbox relies
-on). The window is opened with one collective `Lock_all` for its life.
+numpy's inferred LONG against an INT64_T target). MPI makes accumulates to
+one location atomic with respect to each other, whichever rank issues them,
+and an accumulate completes at a passive target without the target making
+MPI calls (the same passive progress the mailbox relies on). The window is
+opened with one collective `Lock_all` for its life.
 
-The event word packs (count << 2) | stop: `count` events have been announced
-so far; when `stop` is non-zero the last of them is the stop event, with
-`stop` its reason, and no event can follow it. Announcing is a
-compare-and-swap from the word the announcer last saw, so concurrent
-announcers never lose or duplicate an event: every rank sees the same
-sequence and can act on it in the same order (the trainer runs a collective
-per event).
+Each call is a round trip to rank 0, so callers batch: `aau_mpi.events`
+adds a rank's samples every few milliseconds, not every step.
 """
 
 import numpy as np
 from mpi4py import MPI
 
 SAMPLES, EVENTS, GENERATIONS = 0, 1, 2
-RUNNING, FINISHED, PREEMPTED = 0, 1, 2
-
-
-def events_announced(word):
-    """(number of events announced, stop reason) packed in an event word."""
-    return int(word) >> 2, int(word) & 3
-
-
-def pack_events(count, stop=RUNNING):
-    return (int(count) << 2) | int(stop)
 
 
 class JobControl:
@@ -55,6 +41,7 @@ class JobControl:
         self._origin = np.zeros(max(2, self.size), np.int64)
         self._result = np.zeros(max(2, self.size), np.int64)
         self._compare = np.zeros(1, np.int64)
+        self.round_trips = 0
         comm.Barrier()  # initialised before anyone reads
         self.win.Lock_all()
         comm.Barrier()
@@ -66,32 +53,25 @@ class JobControl:
                                 [result, count, MPI.INT64_T], 0,
                                 target=(first, count, MPI.INT64_T), op=MPI.NO_OP)
         self.win.Flush(0)
+        self.round_trips += 1
         return result.copy()
 
-    def _fetch_two(self, samples, op):
-        """(samples word, event word) before adding `samples` with `op`: one round trip.
+    def add_samples(self, samples):
+        """Add this rank's samples; return (total after the addition, event word).
 
-        Two Fetch_and_op calls completed by one Flush; each word is read
-        atomically, which is all that is needed (the words are independent).
-        Get_accumulate over both words would do it in one call, but leaked
-        128 bytes per call in MPICH 4's wheel, and this runs every iteration.
+        Two Fetch_and_op calls completed by one Flush: one round trip. Each
+        word is read atomically, which is all that is needed (the words are
+        independent). Get_accumulate over both would be one call, but leaked
+        128 bytes per call in MPICH's wheel.
         """
         self._origin[0] = samples
         self.win.Fetch_and_op([self._origin[:1], 1, MPI.INT64_T],
-                              [self._result[:1], 1, MPI.INT64_T], 0, SAMPLES, op=op)
+                              [self._result[:1], 1, MPI.INT64_T], 0, SAMPLES, op=MPI.SUM)
         self.win.Fetch_and_op([self._origin[:1], 1, MPI.INT64_T],
                               [self._result[1:2], 1, MPI.INT64_T], 0, EVENTS, op=MPI.NO_OP)
         self.win.Flush(0)
-        return int(self._result[0]), int(self._result[1])
-
-    def add_samples(self, samples):
-        """Add this rank's samples; return (total after the addition, event word)."""
-        old, word = self._fetch_two(samples, MPI.SUM)
-        return old + samples, word
-
-    def poll(self):
-        """(samples used, event word), read atomically without changing them."""
-        return self._fetch_two(0, MPI.NO_OP)
+        self.round_trips += 1
+        return int(self._result[0]) + samples, int(self._result[1])
 
     def announce(self, seen, new):
         """Swap the event word from `seen` to `new`; return the word found there.
@@ -102,6 +82,7 @@ class JobControl:
         self._origin[0], self._compare[0] = new, seen
         self.win.Compare_and_swap(self._origin[:1], self._compare, self._result[:1], 0, EVENTS)
         self.win.Flush(0)
+        self.round_trips += 1
         return int(self._result[0])
 
     def checkpointed(self, generation):
@@ -115,6 +96,7 @@ class JobControl:
                               [self._result[:1], 1, MPI.INT64_T], 0, GENERATIONS + self.rank,
                               op=MPI.REPLACE)
         self.win.Flush(0)
+        self.round_trips += 1
         return int(self._read(GENERATIONS, self.size).min())
 
     def close(self):

@@ -438,10 +438,12 @@ class ShardLoader:
                                               for key in ("seed", "epoch", "offset"))
 
 
-def shard_loader(x, y, indices, batch_size, *, seed=0):
-    """A ShardLoader over samples x[indices], y[indices] (gathered once).
+def shard_loader(x, y, indices, batch_size, *, seed=0, device=None):
+    """A ShardLoader over samples x[indices], y[indices], gathered once and moved to
+    `device` (default: where x is): only the shard goes there, never the whole set.
 
     Give each rank its own seed (e.g. seed + rank) so that ranks shuffle differently.
     """
     indices = torch.as_tensor(np.asarray(indices), dtype=torch.int64, device=x.device)
-    return ShardLoader(x[indices], y[indices], batch_size, seed=seed)
+    device = x.device if device is None else device
+    return ShardLoader(x[indices].to(device), y[indices].to(device), batch_size, seed=seed)

@@ -228,7 +228,7 @@ def check_bandwidth(world, mailbox, payload, report):
 def check_devices(world, report):
     """The device each rank trains on; two ranks on one GPU halve both."""
     import torch
-    device = world.device()
+    device = world.node_device()
     identity = None
     if device.type == "cuda":
         properties = torch.cuda.get_device_properties(device)

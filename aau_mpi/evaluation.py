@@ -2,7 +2,7 @@
 
 `evaluate_job` is collective (spec section 6): every rank evaluates its own
 model x_i on the test set, the ranks average their parameters into x_bar
-(Allreduce) and measure the consensus distance (1/N) sum_i ||x_i - x_bar||^2,
+(the optimizer's `averaged()`) and measure the consensus distance (1/N) sum_i ||x_i - x_bar||^2,
 and x_bar is evaluated with the test set split across the ranks so that each
 evaluates 1/N of it. Rank 0 gets the record; the other ranks get None.
 
@@ -30,28 +30,23 @@ def loss_and_correct(model, x, y, batch_size):
     return loss, correct
 
 
-def evaluate_job(comm, model, params, x_test, y_test, batch_size):
+def evaluate_job(opt, comm, x_test, y_test, batch_size):
     """Collective. Returns rank 0's record dict (None elsewhere).
 
-    `params` is the model's FlatParameters: x_bar is loaded into it for its
-    share of the test set and the rank's own parameters are put back after.
+    `opt` is the rank's DecentralizedOptimizer: `opt.averaged()` loads x_bar
+    into the model for its share of the test set and puts the rank's own
+    parameters back after. `comm`: the communicator for the sums (any but
+    the optimizer's own).
     """
     rank, size = comm.Get_rank(), comm.Get_size()
     n = len(y_test)
+    model = opt.model
     own_loss, own_correct = loss_and_correct(model, x_test, y_test, batch_size)
-
-    own = params.flat.detach().clone()
-    x = own.cpu().numpy().astype(np.float64)
-    x_bar = np.empty_like(x)
-    comm.Allreduce(x, x_bar)
-    x_bar /= size
-    distance = float(np.sum((x - x_bar) ** 2))
-
-    params.load_(x_bar.astype(np.float32))
-    share = slice(rank, n, size)
-    bar_loss, bar_correct = loss_and_correct(model, x_test[share], y_test[share], batch_size)
-    params.flat.copy_(own)
-
+    with opt.averaged() as averaged:
+        distance = float(torch.sum((averaged.own.to(opt.params.flat.device)
+                                    - opt.params.flat) ** 2))
+        share = slice(rank, n, size)
+        bar_loss, bar_correct = loss_and_correct(model, x_test[share], y_test[share], batch_size)
     local = np.array([bar_loss, bar_correct, distance], np.float64)
     sums = np.empty_like(local)
     comm.Allreduce(local, sums)

@@ -4,8 +4,8 @@ Each rank allocates ONE window with `MPI.Win.Allocate` (a window made with
 `Win.Create` lost passive progress with Open MPI: a put into a busy target
 waited for the target's whole busy period). The window holds one slot per
 in-neighbour, or `slots_per_neighbour` slots (dpsgd uses two, indexed by the
-parity of the sender's iteration). The mailbox knows nothing of policies: it
-moves bytes and keeps them consistent.
+parity of the edge's round; the caller names the slot). The mailbox knows
+nothing of policies: it moves bytes and keeps them consistent.
 
 Window layout (layout version LAYOUT_VERSION, all little-endian):
 
@@ -14,7 +14,8 @@ Window layout (layout version LAYOUT_VERSION, all little-endian):
     table_bytes + stride     payload of slot 1 ...
 
 Slot s = (index of the sender in the owner's sorted in-neighbour list)
-         * slots_per_neighbour + (iteration mod slots_per_neighbour).
+         * slots_per_neighbour + (the slot the sender names, default
+         iteration mod slots_per_neighbour).
 The table and each payload start on a 64-byte boundary.
 
 Header record (`aau_mpi.header.header_dtype`):
@@ -22,7 +23,8 @@ Header record (`aau_mpi.header.header_dtype`):
     version    int64   seqlock word: odd while a deposit is being written
     seq        int64   deposits this sender has made into this slot
     iteration  int64   sender's iteration k at the deposit
-    time       float64 sender's clock at the deposit (s since the job start)
+    time       float64 the job clock at the deposit (`World.clock`: s since the
+                       common start, one time line for all nodes)
     done       int64   1: the sender finished; nothing more will come
     weight     float64 push-sum weight (1.0 unless a policy uses it)
     checksum   int64   crc32 of the payload (Mailbox(checksum=True)), else 0
@@ -30,12 +32,26 @@ Header record (`aau_mpi.header.header_dtype`):
     reach      uint64[ceil(world/64)]  bitmap of ranks that reached the sender
 
 Consistency is a seqlock (spec contract 2). The slot has exactly one writer,
-so writers never race each other; only the owner's local read races a write:
+so writers never race each other; only the owner's local read races a write.
+Each target's slot is locked on its own, so a slot is busy only while its own
+copy is written, never while the sender writes its other targets:
 
-    writer: version <- 2*seq-1 (odd); flush; fields + payload; flush;
-            version <- 2*seq (even); flush
+    writer, for each target t in turn:
+            version <- 2*seq-1 (odd); Flush(t); fields + payload; Flush(t);
+            version <- 2*seq (even); Flush(t)
     reader: v1 <- version; copy header and payload; v2 <- version;
             the copy is whole iff v1 == v2 and v1 is even; else retry.
+
+The version word is only ever written and read with accumulate-family calls
+(`Fetch_and_op` REPLACE by the writer, `Fetch_and_op` NO_OP by the reader on
+its own window), which MPI makes atomic with respect to each other: a plain
+load racing an accumulate is undefined by the standard, even where an
+aligned 8-byte store happens not to tear. The payload itself is read with
+plain loads (that race is what the two version reads detect). The design
+needs the unified memory model (`MPI_WIN_UNIFIED`: the window's public and
+private copies are one memory, so a completed remote write is visible to
+local loads after `Win_sync`); the constructor refuses a separate-model
+window with a one-line error.
 
 A copy can only be taken between two deposits into that slot: a sender that
 deposits back-to-back with no pause at all starves the reader (`read` gives
@@ -51,9 +67,15 @@ that gave up, and copies that failed the check (expected: zero).
 Synchronisation: one `Lock_all` epoch spans the mailbox's life. It is opened
 while all ranks are inside MPI (collective construction) because MPICH only
 gives passive progress that way; per-deposit `Lock`/`Unlock` would wait for a
-busy target. Inside the epoch a `Flush` completes a rank's operations at the
-target, which orders the three writer steps. `MPI_MODE_NOCHECK` is never used:
-it would switch exclusion off, and the seqlock needs none.
+busy target. Inside the epoch `Flush(target)` completes this rank's
+operations at that target, which orders the three writer steps.
+`MPI_MODE_NOCHECK` is never used: it would switch exclusion off, and the
+seqlock needs none.
+
+Threads: `deposit` may run on a communication thread while the owner's
+thread calls `headers` and `read` (see `aau_mpi.depositor`); that needs
+`MPI_THREAD_MULTIPLE`. Deposits themselves must come from one thread at a
+time.
 """
 
 import time
@@ -92,7 +114,10 @@ class Mailbox:
     """One rank's window plus the means to deposit into its out-neighbours'.
 
     Collective over `comm`: every rank constructs its Mailbox in the same order
-    and, at the end, calls `close()`.
+    and, at the end, calls `close()`. `in_neighbours` / `out_neighbours` are
+    every rank this one may ever read from / deposit into (for a time-varying
+    graph, the union over its period); `deposit(..., targets=...)` names the
+    ones an iteration uses.
     """
 
     def __init__(self, comm, in_neighbours, out_neighbours, payload_size,
@@ -106,30 +131,33 @@ class Mailbox:
         self.payload_size = int(payload_size)
         self.slots_per_neighbour = int(slots_per_neighbour)
         self.clock = clock
-        self._check_agreement()
+        outs = self._check_agreement()
         self.header_dtype = header_dtype(comm.Get_size())
         self.num_slots = len(self.in_neighbours) * self.slots_per_neighbour
-        self.table_bytes = _aligned(self.num_slots * self.header_dtype.itemsize)
+        self.table_bytes = self._table_bytes(len(self.in_neighbours))
         self.payload_stride = _aligned(4 * self.payload_size)
 
         # Where this rank's slots start in each out-neighbour's window: the
         # target's table size depends on the target's in-degree, not ours.
-        in_lists = comm.allgather(self.in_neighbours)
-        table_sizes = comm.allgather(self.table_bytes)
-        self._first_slot = {t: in_lists[t].index(self.rank) * self.slots_per_neighbour
+        senders = {t: sorted(j for j, out in enumerate(outs) if t in out)
+                   for t in self.out_neighbours}
+        self._first_slot = {t: senders[t].index(self.rank) * self.slots_per_neighbour
                             for t in self.out_neighbours}
-        self._target_table_bytes = {t: table_sizes[t] for t in self.out_neighbours}
+        self._target_table_bytes = {t: self._table_bytes(len(senders[t]))
+                                    for t in self.out_neighbours}
         self._sent = {t: np.zeros(self.slots_per_neighbour, np.int64)
                       for t in self.out_neighbours}
-        # Origin buffers of the header puts: one record per target, untouched
-        # until the Flush that completes the put (MPI forbids changing an
-        # origin buffer before its operation completes).
-        self._outgoing = np.zeros(len(self.out_neighbours), dtype=self.header_dtype)
-        self._version = np.zeros((len(self.out_neighbours), 1), np.int64)
-        self._fetched = np.zeros_like(self._version)
+        # Origin buffers: MPI forbids changing one before the Flush that
+        # completes its operation, so each target has its own.
+        self._record = np.zeros(1, dtype=self.header_dtype)
+        self._version = np.zeros(1, np.int64)
+        self._fetched = np.zeros(1, np.int64)
+        self._no_op = np.zeros(max(1, self.num_slots), np.int64)
+        self._versions_read = np.zeros(max(1, self.num_slots), np.int64)
 
         window_bytes = self.table_bytes + self.num_slots * self.payload_stride
         self.win = MPI.Win.Allocate(window_bytes, disp_unit=1, comm=comm)
+        self._check_memory_model()
         memory = np.frombuffer(self.win.tomemory(), dtype=np.uint8)
         self._table = np.ndarray(self.num_slots, dtype=self.header_dtype, buffer=memory)
         self._payloads = [np.ndarray(self.payload_size, dtype=np.float32, buffer=memory,
@@ -144,18 +172,31 @@ class Mailbox:
         comm.Barrier()
         self.closed = False
 
-    def _check_agreement(self):
-        """All ranks must agree on the graph and the payload size.
+    def _table_bytes(self, in_degree):
+        return _aligned(in_degree * self.slots_per_neighbour * header_dtype(
+            self.comm.Get_size()).itemsize)
 
-        The verdict is collective (every rank raises, or none does): a rank
-        that went on alone into Win.Allocate would wait there for ever.
+    def _verdict(self, problem):
+        """Collective: every rank raises the first rank's problem, or none raises
+        (a rank that went on alone would wait in the next collective for ever)."""
+        problems = [p for p in self.comm.allgather(problem) if p]
+        if problems:
+            raise UserError(problem or problems[0])
+
+    def _check_agreement(self):
+        """All ranks must agree on the graph, the payload size and the layout.
+
+        One allgather of (layout, payload size, out-neighbours): O(N x degree)
+        numbers. Returns every rank's out-neighbour list.
         """
-        sizes = self.comm.allgather(self.payload_size)
-        outs = self.comm.allgather(self.out_neighbours)
-        layouts = self.comm.allgather(LAYOUT_VERSION)
+        mine = (LAYOUT_VERSION, self.payload_size, self.out_neighbours)
+        everyone = self.comm.allgather(mine)
+        layouts = sorted({layout for layout, _, _ in everyone})
+        sizes = [size for _, size, _ in everyone]
+        outs = [out for _, _, out in everyone]
         problem = None
-        if min(layouts) != max(layouts):
-            problem = (f"ranks use different mailbox layouts (versions {sorted(set(layouts))}): "
+        if len(layouts) > 1:
+            problem = (f"ranks use different mailbox layouts (versions {layouts}): "
                        f"install the same aau_mpi version on every node")
         elif min(sizes) != max(sizes) or min(sizes) < 1:
             problem = (f"mailbox payload sizes differ between ranks or are empty "
@@ -166,14 +207,29 @@ class Mailbox:
             problem = (f"rank {self.rank} expects deposits from {self.in_neighbours} "
                        f"but ranks {senders} deposit into it: every rank must load "
                        f"the same topology, without self-loops")
-        problems = [p for p in self.comm.allgather(problem) if p]
-        if problems:
-            raise UserError(problem or problems[0])
+        self._verdict(problem)
+        return outs
+
+    def _check_memory_model(self):
+        model = self.win.Get_attr(MPI.WIN_MODEL)
+        problem = None
+        if model != MPI.WIN_UNIFIED:
+            problem = (f"rank {self.rank}'s MPI gives RMA windows the separate memory model, "
+                       f"the mailbox needs MPI_WIN_UNIFIED: use an MPI whose windows are "
+                       f"unified on this hardware (Open MPI 5 or MPICH 4+ on a cache-coherent "
+                       f"machine), see docs/mailbox.md")
+        try:
+            self._verdict(problem)
+        except UserError:
+            self.win.Free()
+            raise
 
     # ---- writer side ------------------------------------------------------
 
-    def deposit(self, payload, iteration, done=False, weight=1.0, epoch=0, reach=None):
-        """Put `payload` (float32, payload_size) into every out-neighbour's slot.
+    def deposit(self, payload, iteration, done=False, weight=1.0, epoch=0, reach=None,
+                slot=None, targets=None):
+        """Put `payload` (float32, payload_size) into `targets`' slots (default: every
+        out-neighbour), slot `slot` of this sender (default iteration mod slots).
 
         Returns once the data is complete at every target; never waits for a
         target to make an MPI call (passive progress, spec contract 1).
@@ -182,58 +238,58 @@ class Mailbox:
         if payload.size != self.payload_size:
             raise ValueError(f"payload has {payload.size} floats, mailbox expects "
                              f"{self.payload_size}")
-        if not self.out_neighbours:  # a single rank: nobody to deposit into
+        targets = self.out_neighbours if targets is None else targets
+        if not targets:  # a single rank, or no target this iteration
             return
-        parity = int(iteration) % self.slots_per_neighbour
-        now = self.clock()
-        crc = zlib.crc32(payload) if self.checksum else 0
+        slot = int(iteration) % self.slots_per_neighbour if slot is None else int(slot)
+        record = self._record[0]
+        record["iteration"] = iteration
+        record["time"] = self.clock()
+        record["done"] = int(done)
+        record["weight"] = weight
+        record["checksum"] = zlib.crc32(payload) if self.checksum else 0
+        record["epoch"] = epoch
+        record["reach"] = 0 if reach is None else reach
         self.stats["deposits"] += 1
-        for n, target in enumerate(self.out_neighbours):
-            self._sent[target][parity] += 1
-            record = self._outgoing[n]
-            record["seq"] = self._sent[target][parity]
-            record["iteration"] = iteration
-            record["time"] = now
-            record["done"] = int(done)
-            record["weight"] = weight
-            record["checksum"] = crc
-            record["epoch"] = epoch
-            record["reach"] = 0 if reach is None else reach
-        slots = [self._first_slot[t] + parity for t in self.out_neighbours]
-        self._set_versions(slots, odd=True)
-        self._put_contents(slots, payload)
-        self._set_versions(slots, odd=False)
+        for target in targets:
+            self._sent[target][slot] += 1
+            record["seq"] = self._sent[target][slot]
+            self._deposit_one(target, self._first_slot[target] + slot, payload)
 
-    def _set_versions(self, slots, odd):
-        """Seqlock step: mark each target slot busy (odd) or whole (even).
+    def _deposit_one(self, target, slot, payload):
+        """The seqlock on one target's slot: odd, contents, even, each completed
+        at the target (Flush) before the next starts."""
+        seq = int(self._record[0]["seq"])
+        self._set_version(target, slot, 2 * seq - 1)
+        fields = self._record.view(np.uint8)[8:]  # every field after `version`
+        self.win.Put([fields, fields.size, MPI.BYTE], target,
+                     target=(slot * self.header_dtype.itemsize + 8, fields.size, MPI.BYTE))
+        self.win.Put([payload, self.payload_size, MPI.FLOAT], target,
+                     target=(self._target_table_bytes[target] + slot * self.payload_stride,
+                             self.payload_size, MPI.FLOAT))
+        self.win.Flush(target)
+        self._set_version(target, slot, 2 * seq)
 
-        Fetch_and_op(REPLACE), an accumulate-family call, makes the 8-byte
-        write element-wise atomic, so a concurrent reader sees the old or the
-        new version word, never a mix (the fetched old value is unused; plain
-        Accumulate leaked 128 bytes per call in MPICH 4's wheel, this does
-        not). Flush_all completes the writes before the next step starts.
-        """
-        for n, (target, slot) in enumerate(zip(self.out_neighbours, slots)):
-            seq = self._outgoing[n]["seq"]
-            self._version[n, 0] = 2 * seq - 1 if odd else 2 * seq
-            self.win.Fetch_and_op([self._version[n], 1, MPI.INT64_T],
-                                  [self._fetched[n], 1, MPI.INT64_T], target,
-                                  slot * self.header_dtype.itemsize, op=MPI.REPLACE)
-        self.win.Flush_all()
+    def _set_version(self, target, slot, version):
+        """Write the slot's version word atomically (Fetch_and_op REPLACE; the
+        fetched old value is unused: plain Accumulate leaked 128 bytes per call
+        in MPICH's wheel, this does not), complete at the target before return."""
+        self._version[0] = version
+        self.win.Fetch_and_op([self._version, 1, MPI.INT64_T], [self._fetched, 1, MPI.INT64_T],
+                              target, slot * self.header_dtype.itemsize, op=MPI.REPLACE)
+        self.win.Flush(target)
 
-    def _put_contents(self, slots, payload):
-        """Seqlock step: header fields (all but `version`) and the payload."""
-        field_bytes = self._outgoing.view(np.uint8).reshape(len(self.out_neighbours), -1)
-        for n, (target, slot) in enumerate(zip(self.out_neighbours, slots)):
-            fields = field_bytes[n, 8:]
-            self.win.Put([fields, fields.size, MPI.BYTE], target,
-                         target=(slot * self.header_dtype.itemsize + 8, fields.size, MPI.BYTE))
-            self.win.Put([payload, self.payload_size, MPI.FLOAT], target,
-                         target=(self._target_table_bytes[target] + slot * self.payload_stride,
-                                 self.payload_size, MPI.FLOAT))
-        self.win.Flush_all()
+    # ---- reader side (own window: no remote traffic) ------------------------
 
-    # ---- reader side (own window, local memory, no remote traffic) ---------
+    def _read_versions(self, slots):
+        """The version words of own `slots`, each read atomically (Fetch_and_op
+        NO_OP on this rank's own window, all completed by one Flush)."""
+        for n, s in enumerate(slots):
+            self.win.Fetch_and_op([self._no_op[n:n + 1], 1, MPI.INT64_T],
+                                  [self._versions_read[n:n + 1], 1, MPI.INT64_T],
+                                  self.rank, s * self.header_dtype.itemsize, op=MPI.NO_OP)
+        self.win.Flush(self.rank)
+        return self._versions_read[:len(slots)].copy()
 
     def headers(self):
         """Snapshot of all own slots' headers, shape (in-degree, slots per neighbour).
@@ -241,44 +297,50 @@ class Mailbox:
         No payload is copied. A slot being written at this moment shows its
         last whole header instead (never a half-written one).
         """
-        # Win_sync is the memory barrier between RMA writes and local loads.
-        self.win.Sync()
-        before = self._table["version"].copy()
-        self.win.Sync()
-        table = self._table.copy()
-        self.win.Sync()
-        whole = (before == self._table["version"]) & (before % 2 == 0)
-        self._last_consistent[whole] = table[whole]
+        if self.num_slots:
+            slots = range(self.num_slots)
+            before = self._read_versions(slots)
+            # Win_sync: the memory barrier between RMA writes and local loads.
+            self.win.Sync()
+            table = self._table.copy()
+            self.win.Sync()
+            whole = (before == self._read_versions(slots)) & (before % 2 == 0)
+            self._last_consistent[whole] = table[whole]
         return self._last_consistent.reshape(len(self.in_neighbours),
                                              self.slots_per_neighbour).copy()
 
     def read(self, neighbour_index, slot=0, out=None, attempts=100):
-        """Copy one slot's payload consistently into `out`.
+        """Copy one slot's payload consistently.
 
-        Returns (header record, out), or None when every attempt overlapped a
-        write, or the copy failed its checksum (the caller then treats the
-        slot as not fresh).
+        `out`: a float32 array to copy into (default: a new one), or a callable
+        `out(source)` that copies the window's payload view `source` where the
+        caller wants it (e.g. straight to a GPU) and returns the destination.
+        Returns (header record, destination), or None when every attempt
+        overlapped a write, or the copy failed its checksum (the caller then
+        treats the slot as not fresh).
         """
         s = neighbour_index * self.slots_per_neighbour + slot
         if out is None:
             out = np.empty(self.payload_size, np.float32)
+        copy = out if callable(out) else (lambda source: np.copyto(out, source) or out)
         backoff = Backoff()
         for _ in range(attempts):
-            self.win.Sync()
-            before = int(self._table["version"][s])
+            before = int(self._read_versions([s])[0])
             if before % 2 == 0:
                 self.win.Sync()
                 record = self._table[s].copy()
-                np.copyto(out, self._payloads[s])
+                # The checksum is of the window's bytes, inside the same version
+                # window as the copy, so it holds for whatever `copy` makes of them.
+                crc = zlib.crc32(self._payloads[s]) if self.checksum else 0
+                destination = copy(self._payloads[s])
                 self.win.Sync()
-                if int(self._table["version"][s]) == before:
+                if int(self._read_versions([s])[0]) == before:
                     # seq 0: nothing deposited yet, no checksum to verify.
-                    if (self.checksum and record["seq"] > 0
-                            and zlib.crc32(out) != record["checksum"]):
+                    if self.checksum and record["seq"] > 0 and crc != record["checksum"]:
                         self.stats["corrupt"] += 1
                         return None
                     self.stats["reads"] += 1
-                    return record, out
+                    return record, destination
             backoff.wait()
         self.stats["gave_up"] += 1
         return None
@@ -307,3 +369,4 @@ class Mailbox:
         # that will never reach it; the error handler aborts the job instead.
         if exc_type is None:
             self.close()
+

@@ -1,14 +1,7 @@
-"""Models by name, and FlatParameters: a module's parameters as one contiguous vector.
-
-Decentralized averaging mixes whole parameter vectors, so FlatParameters lays
-every parameter (and its gradient) out inside one float32 buffer: a deposit
-or a mix is then a single transfer, with no per-step copy of each tensor.
-"""
+"""Models by name (the config's `model.name`); each factory takes (input_shape, num_classes, **params)."""
 
 import math
 
-import numpy as np
-import torch
 from torch import nn
 from torch.nn import functional as F
 
@@ -98,11 +91,10 @@ class BasicBlock(nn.Module):
 def resnet18(input_shape, num_classes, norm="group"):
     """ResNet-18, CIFAR variant: 3x3 stem conv, no max-pool, BasicBlocks [2, 2, 2, 2].
 
-    norm="group" (default): GroupNorm with 32 groups. It has no buffers, so the
-    flat parameter vector is the whole model state and decentralized averaging
-    is exact. norm="batch": BatchNorm; its running statistics are buffers, NOT
-    part of the flat parameter vector, so each rank keeps its own and they are
-    only reconciled if the trainer averages them separately (e.g. at the end).
+    norm="group" (default): GroupNorm with 32 groups (no buffers). norm="batch":
+    BatchNorm; its running statistics are floating buffers, which the flat
+    vector of aau_mpi.parameters holds beside the weights, so they are mixed
+    and averaged with them.
     """
     if norm not in NORM_LAYERS:
         raise UserError(f"resnet18 norm must be one of {', '.join(NORM_LAYERS)} "
@@ -117,78 +109,3 @@ def resnet18(input_shape, num_classes, norm="group"):
         in_channels = out_channels
     layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, num_classes)]
     return nn.Sequential(*layers)
-
-
-class FlatParameters:
-    """All of a module's parameters as views into one contiguous float32 tensor.
-
-    After FlatParameters(module), every parameter's data is a view into `flat`
-    and its .grad a view into `flat_grad` (both numel long, on the module's
-    device). Autograd accumulates into the existing .grad in place and
-    torch.optim optimizers update parameters in place, so `flat` always holds
-    the current model and `flat_grad` the current gradient.
-
-    Keep the sharing intact: move the module to its device BEFORE flattening
-    (module.to() makes new tensors), and clear gradients with zero_grad() here,
-    never with module.zero_grad() or optimizer.zero_grad() at their default
-    set_to_none=True (that detaches .grad from flat_grad). views_intact() checks.
-
-    host_view() is the host copy that MPI transfers: on CPU it is flat.numpy(),
-    sharing memory with the model (no copy; writes to it change the model). On
-    CUDA it copies flat into a pinned host staging buffer, allocated once, and
-    returns that buffer as numpy; the next host_view() call overwrites it.
-    load_(vector) writes a host vector into flat (host-to-device copy on CUDA).
-    """
-
-    def __init__(self, module):
-        params = list(module.parameters())
-        if not params:
-            raise ValueError("module has no parameters to flatten")
-        if any(param.dtype != torch.float32 for param in params):
-            raise ValueError("FlatParameters needs float32 parameters")
-        device = params[0].device
-        if any(param.device != device for param in params):
-            raise ValueError("FlatParameters needs all parameters on one device")
-        self.numel = sum(param.numel() for param in params)
-        self.flat = torch.empty(self.numel, dtype=torch.float32, device=device)
-        self.flat_grad = torch.zeros(self.numel, dtype=torch.float32, device=device)
-        self._slots = []  # (parameter, offset into flat)
-        offset = 0
-        with torch.no_grad():
-            for param in params:
-                size = param.numel()
-                self.flat[offset:offset + size].copy_(param.reshape(-1))
-                param.data = self.flat[offset:offset + size].view_as(param)
-                param.grad = self.flat_grad[offset:offset + size].view_as(param)
-                self._slots.append((param, offset))
-                offset += size
-        self._staging = None  # pinned host buffer, CUDA only
-
-    def zero_grad(self):
-        self.flat_grad.zero_()
-
-    def views_intact(self):
-        """True while every parameter and its grad still live at their place in flat / flat_grad."""
-        element = self.flat.element_size()
-        return all(
-            param.data_ptr() == self.flat.data_ptr() + offset * element
-            and param.grad is not None
-            and param.grad.data_ptr() == self.flat_grad.data_ptr() + offset * element
-            for param, offset in self._slots)
-
-    def host_view(self):
-        """flat as a numpy array: shared memory on CPU, a pinned staging copy on CUDA."""
-        if self.flat.device.type == "cpu":
-            return self.flat.numpy()
-        if self._staging is None:
-            self._staging = torch.empty(self.numel, dtype=torch.float32, pin_memory=True)
-        self._staging.copy_(self.flat)
-        return self._staging.numpy()
-
-    def load_(self, vector):
-        """Overwrite flat (and so the model) with a host vector of numel float32 values."""
-        values = torch.from_numpy(np.ascontiguousarray(vector, dtype=np.float32))
-        if values.shape != (self.numel,):
-            raise ValueError(f"expected a vector of {self.numel} values, got shape "
-                             f"{tuple(values.shape)}")
-        self.flat.copy_(values)

@@ -2,29 +2,38 @@
 
 A policy is pure decision logic. It sees a header snapshot (the structured
 array `Mailbox.headers()` returns, shape (in-neighbours, slots)), its own
-iteration k and a clock reading, and answers with a `Selection` or None
-(None = keep waiting; the engine polls again). It never touches MPI, so every
-rule is unit-tested with synthetic snapshots and a fake clock.
+iteration k and the job clock, and answers with a `Selection` or None
+(None = keep waiting; the optimizer polls again). It never touches MPI, so
+every rule is unit-tested with synthetic snapshots and a fake clock.
 
 Definitions at worker i (spec section 4): slot j is *fresh* when its seq is
 greater than the seq that i last averaged from j; `last_used[j]` is i's
 iteration when it last averaged a deposit from j (0 at the start, when every
-rank holds the same broadcast x).
+rank holds the same broadcast x). A neighbour is *live* unless its header
+says done or the watchdog found it stalled (`skip`), until it deposits again.
 
-Timing that the adaptive rules use is kept as exponentially weighted moving
-averages (EWMA, weight EWMA_WEIGHT on the newest sample): each neighbour's
-interval between deposits (from its own header timestamps, so only a
-sender's times are compared with each other), this rank's interval between
-deposits and its compute time.
+Clocks (spec contract 5): header times are the job clock (`World.clock`),
+one time line for all ranks within the start-up offset measurement. A
+sender's interval is measured from its own timestamps only, per iteration of
+its own (time difference over iteration difference between two of its
+deposits), so it is the same whether the sender deposits here every
+iteration (a static graph) or every P-th (a time-varying one). The adaptive
+rule compares a predicted arrival (the sender's time plus its interval) with
+the receiver's job clock, which contract 5 allows once the offset is removed.
+
+Time-varying graphs: `graph.period` P (1 for static graphs). The neighbours
+are the union over the period; an edge is active once per period, so a
+staleness bound of tau *rounds* is tau * P iterations.
+
+Timing is kept as exponentially weighted moving averages (EWMA, weight
+EWMA_WEIGHT on the newest sample).
 """
 
-import math
-import numbers
 from dataclasses import dataclass
 
 import numpy as np
 
-from aau_mpi.errors import UserError
+from aau_mpi import checks
 from aau_mpi.registry import Registry
 
 POLICIES = Registry("policy")
@@ -39,46 +48,36 @@ class Selection:
     self_weight: float
 
 
-def require_int(field, value, minimum):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise UserError(f"{field} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
-
-
-def require_number(field, value, minimum):
-    if (isinstance(value, bool) or not isinstance(value, numbers.Real)
-            or not math.isfinite(value) or value < minimum):
-        raise UserError(f"{field} must be a number >= {minimum:g}, got {value!r}")
-    return float(value)
-
-
 def ewma(old, sample):
     return sample if old is None else (1 - EWMA_WEIGHT) * old + EWMA_WEIGHT * sample
 
 
 class Policy:
-    """Shared bookkeeping: freshness, last use, deposit-interval estimates."""
+    """Shared bookkeeping: freshness, last use, liveness, deposit-interval estimates."""
 
     uses_mailbox = True
     slots_per_neighbour = 1
     synchronous = False     # True: ranks must agree on iteration numbers (see resume)
+    waits = True            # False: select never returns None (wait-free)
 
     def __init__(self, graph, rank):
-        self.rank = rank
+        self.graph, self.rank = graph, rank
         self.neighbours = graph.in_neighbours(rank)
+        self.period = graph.period
         m = len(self.neighbours)
         self.last_seq = np.zeros((m, self.slots_per_neighbour), np.int64)
         self.last_used = np.zeros(m, np.int64)
-        self.interval = [None] * m          # EWMA of each neighbour's deposit interval
-        self._seen = [(0, 0.0)] * m         # (newest seq, its time) per neighbour
-        self.own_interval = None            # EWMA of this rank's deposit interval
+        self.interval = [None] * m          # EWMA of each neighbour's seconds per iteration
+        self._seen = [(0, 0.0, 0)] * m      # (newest seq, its time, its iteration) per neighbour
+        self.own_interval = None            # EWMA of this rank's seconds per iteration
         self.compute_time = None            # EWMA of this rank's compute phase
         self._last_deposit_time = None
         self._skipped_at = np.full(m, -1, np.int64)  # seq at which a neighbour was skipped
 
-    # ---- timing the engine reports ----------------------------------------
+    # ---- timing the optimizer reports --------------------------------------
 
     def deposited(self, now):
+        """This rank deposited (once per iteration) at job time `now`."""
         if self._last_deposit_time is not None:
             self.own_interval = ewma(self.own_interval, now - self._last_deposit_time)
         self._last_deposit_time = now
@@ -89,35 +88,40 @@ class Policy:
     # ---- reading a snapshot -----------------------------------------------
 
     def observe(self, headers):
-        """Update each neighbour's deposit-interval EWMA from new header times."""
-        for j in range(len(self.neighbours)):
+        """Update each neighbour's seconds-per-iteration EWMA from its new header times."""
+        seqs = headers["seq"].sum(axis=1)
+        for j in np.flatnonzero(seqs > np.array([seen[0] for seen in self._seen])):
             newest = int(np.argmax(headers["seq"][j]))
-            seq, time = int(headers["seq"][j].sum()), float(headers["time"][j, newest])
-            old_seq, old_time = self._seen[j]
-            if seq > old_seq:
-                if old_seq > 0:
-                    self.interval[j] = ewma(self.interval[j], (time - old_time) / (seq - old_seq))
-                self._seen[j] = (seq, time)
+            time, iteration = float(headers["time"][j, newest]), int(headers["iteration"][j, newest])
+            old_seq, old_time, old_iteration = self._seen[j]
+            if old_seq > 0 and iteration > old_iteration:
+                self.interval[j] = ewma(self.interval[j],
+                                        (time - old_time) / (iteration - old_iteration))
+            self._seen[j] = (int(seqs[j]), time, iteration)
 
     def done(self, headers):
-        """Neighbours that have finished, or were skipped and have not deposited since:
-        never wait for them."""
+        """Neighbours not to wait for or mix: finished, or skipped as stalled and
+        not heard from since."""
         return headers["done"].any(axis=1) | (headers["seq"].sum(axis=1) == self._skipped_at)
 
     def skip(self, neighbours, headers):
-        """Stop waiting for `neighbours` (the watchdog found them stalled) until
-        they deposit again."""
+        """Stop waiting for, and mixing, `neighbours` (the watchdog found them
+        stalled) until they deposit again."""
         for j in neighbours:
             self._skipped_at[j] = headers["seq"][j].sum()
 
     def fresh(self, headers, slot=0):
         return headers["seq"][:, slot] > self.last_seq[:, slot]
 
+    def deposit_slot(self, k):
+        """This rank's slot, in each target's window, for its iteration-k deposit."""
+        return 0
+
     def select(self, headers, k, now):
         raise NotImplementedError
 
     def mixed(self, used, k):
-        """The engine averaged `used`: list of (neighbour index, slot, header record)."""
+        """The optimizer averaged `used`: list of (neighbour index, slot, header record)."""
         for j, slot, record in used:
             self.last_seq[j, slot] = record["seq"]
             self.last_used[j] = k
@@ -143,17 +147,21 @@ class Policy:
     def uniform(self, members, slot=0):
         """Uniform weights over this rank and `members`."""
         share = 1.0 / (len(members) + 1)
-        return Selection([(j, slot) for j in members], [share] * len(members), share)
+        return Selection([(int(j), slot) for j in members], [share] * len(members), share)
 
 
 @POLICIES.register("dpsgd")
 class DPSGD(Policy):
-    """Synchronous D-PSGD: wait for every live neighbour's iteration-k deposit.
+    """Synchronous D-PSGD: wait for every live active in-neighbour's iteration-k deposit.
 
-    Two slots per neighbour, by iteration parity: a neighbour may deposit k+1
-    before this rank has read k, but cannot deposit k+2 before this rank has
-    deposited k+1, which it does only after reading k. Metropolis-Hastings
-    weights; a finished neighbour's weight stays with this rank.
+    Two slots per neighbour, by the parity of the edge's round (k // period):
+    a neighbour may deposit round r+1 before this rank has read round r, but
+    cannot deposit round r+2 before this rank has moved on (on a static graph
+    it needs this rank's round r+1 deposit, made only after reading r; on
+    the one-peer graph its two periods depend on every rank). Weights: the
+    graph's mixing row at k (Metropolis-Hastings on static undirected
+    graphs, 1/2 on the one-peer graph); a finished neighbour's weight stays
+    with this rank.
     """
 
     slots_per_neighbour = 2
@@ -161,23 +169,28 @@ class DPSGD(Policy):
 
     def __init__(self, graph, rank):
         super().__init__(graph, rank)
-        row = graph.mixing_matrix("metropolis")[rank]
-        self.weights = [float(row[j]) for j in self.neighbours]
+        self._index = {j: n for n, j in enumerate(self.neighbours)}
+        self._kind = "uniform" if graph.directed else "metropolis"
+
+    def deposit_slot(self, k):
+        return self.graph.edge_round(k) % 2
 
     def select(self, headers, k, now):
-        parity = k % 2
-        has_k = headers["iteration"][:, parity] == k
-        has_k &= headers["seq"][:, parity] > self.last_seq[:, parity]
-        if not (has_k | self.done(headers)).all():
+        slot = self.deposit_slot(k)
+        self_weight, row = self.graph.mixing_row(self.rank, k, self._kind)
+        active = [self._index[j] for j in row]
+        has_k = (headers["iteration"][active, slot] == k) & \
+            (headers["seq"][active, slot] > self.last_seq[active, slot])
+        if not (has_k | self.done(headers)[active]).all():
             return None
-        members = [j for j in range(len(self.neighbours)) if has_k[j]]
-        weights = [self.weights[j] for j in members]
-        return Selection([(j, parity) for j in members], weights, 1.0 - sum(weights))
+        members = [j for j, ready in zip(active, has_k) if ready]
+        weights = [row[self.neighbours[j]] for j in members]
+        return Selection([(j, slot) for j in members], weights, 1.0 - sum(weights))
 
 
 @POLICIES.register("allreduce")
 class AllreduceSGD(Policy):
-    """Synchronous data-parallel SGD: the engine averages gradients with Allreduce."""
+    """Synchronous data-parallel SGD: the optimizer averages gradients with Allreduce."""
 
     uses_mailbox = False
     synchronous = True
@@ -185,26 +198,29 @@ class AllreduceSGD(Policy):
 
 @POLICIES.register("async")
 class Async(Policy):
-    """Wait-free gossip: mix every neighbour's latest deposit, fresh or not."""
+    """Wait-free gossip: mix every live neighbour's latest deposit, fresh or not."""
+
+    waits = False
 
     def select(self, headers, k, now):
-        deposited = np.flatnonzero(headers["seq"][:, 0] > 0)
-        return self.uniform(list(deposited))
+        return self.uniform(np.flatnonzero((headers["seq"][:, 0] > 0) & ~self.done(headers)))
 
 
 @POLICIES.register("async_one")
 class AsyncOne(Policy):
-    """AD-PSGD-style pairwise averaging: one random neighbour, weight 1/2."""
+    """AD-PSGD-style pairwise averaging: one random live neighbour, weight 1/2."""
+
+    waits = False
 
     def __init__(self, graph, rank, seed=0):
         super().__init__(graph, rank)
-        self.rng = np.random.default_rng([seed, rank])
+        self.rng = np.random.default_rng([checks.integer("policy.seed", seed, 0), rank])
 
     def select(self, headers, k, now):
-        deposited = np.flatnonzero(headers["seq"][:, 0] > 0)
-        if deposited.size == 0:
+        candidates = np.flatnonzero((headers["seq"][:, 0] > 0) & ~self.done(headers))
+        if candidates.size == 0:
             return Selection([], [], 1.0)
-        return self.uniform([int(self.rng.choice(deposited))])
+        return self.uniform([int(self.rng.choice(candidates))])
 
     def state_dict(self):
         return {**super().state_dict(), "rng": self.rng.bit_generator.state}
@@ -216,73 +232,86 @@ class AsyncOne(Policy):
 
 @POLICIES.register("fixed_k")
 class FixedK(Policy):
-    """Backup workers: wait for the first k fresh neighbours, average them uniformly."""
+    """Backup workers: wait until k live neighbours are fresh, average the newest k.
+
+    With more than k fresh, the k newest deposits (smallest age now minus
+    the deposit's time, each against this rank's clock) are the least stale
+    models; the older fresh ones wait for a later iteration. k is capped at
+    the live neighbours, and at the neighbours active per iteration: on the
+    one-peer graph a neighbour deposits here once per period, so on average
+    one fresh deposit arrives per iteration and waiting for two would slow
+    every rank down without end.
+    """
 
     def __init__(self, graph, rank, k=1):
         super().__init__(graph, rank)
-        self.k = require_int("policy.k", k, 1)
+        self.k = min(checks.integer("policy.k", k, 1),
+                     max(1, len(graph.active_in(rank, 0))))
 
     def select(self, headers, k, now):
         fresh = np.flatnonzero(self.fresh(headers))
         wanted = min(self.k, int((~self.done(headers)).sum()))
         if fresh.size < wanted:
             return None
-        arrival_order = fresh[np.argsort(headers["time"][fresh, 0], kind="stable")]
-        return self.uniform(list(arrival_order[:max(wanted, 1)]))
+        age = now - headers["time"][fresh, 0]
+        newest_first = fresh[np.argsort(age, kind="stable")]
+        return self.uniform(newest_first[:max(wanted, 1)])
 
 
 @POLICIES.register("aau")
 class AAU(Policy):
     """DSGD-AAU as this project realises it (spec section 4, rules 1-3).
 
-    tau:   staleness bound per edge; a neighbour unused for tau iterations is
-           waited for, so every edge is used at least once every tau + 1
-           iterations and the union of used edges stays the whole graph.
+    tau:   staleness bound per edge, in rounds of the edge (tau * period
+           iterations); a live neighbour unused that long is waited for, so
+           every edge is used at least once every tau + 1 rounds and the
+           union of used edges stays the whole graph.
     gamma: extra-wait budget as a fraction of this rank's compute time, for
-           neighbours predicted to deposit within it (0 = fastest first).
+           neighbours predicted to deposit within it from now (0 = fastest first).
     rate_scaled, max_scale: the local step is scaled by
-           clip(own interval / median neighbour interval, 1, max_scale), so a
-           slow worker's fewer steps still carry its data's weight.
+           clip(own seconds per iteration / median neighbour's, 1, max_scale),
+           so a slow worker's fewer steps still carry its data's weight.
     """
 
     def __init__(self, graph, rank, tau=4, gamma=0.0, rate_scaled=True, max_scale=4.0):
         super().__init__(graph, rank)
-        self.tau = require_int("policy.tau", tau, 1)
-        self.gamma = require_number("policy.gamma", gamma, 0.0)
-        self.max_scale = require_number("policy.max_scale", max_scale, 1.0)
-        if not isinstance(rate_scaled, bool):
-            raise UserError(f"policy.rate_scaled must be true or false, got {rate_scaled!r}")
-        self.rate_scaled = rate_scaled
+        self.tau = checks.integer("policy.tau", tau, 1)
+        self.gamma = checks.number("policy.gamma", gamma, 0.0)
+        self.max_scale = checks.number("policy.max_scale", max_scale, 1.0)
+        self.rate_scaled = checks.boolean("policy.rate_scaled", rate_scaled)
         self._wait_started = None
 
     def select(self, headers, k, now):
         self.observe(headers)
         if self._wait_started is None:
             self._wait_started = now
-        fresh, live = self.fresh(headers), ~self.done(headers)
+        # A finished neighbour's final deposit is fresh once, and mixed once.
+        live, fresh = ~self.done(headers), self.fresh(headers)
 
-        # Rule 1: at least one fresh neighbour, unless all have finished.
+        # Rule 1: at least one fresh neighbour, unless none is live.
         if not fresh.any() and live.any():
             return None
-        # Rule 2: a live neighbour unused for tau iterations must be waited for.
-        overdue = live & (k - self.last_used >= self.tau)
+        # Rule 2: a live neighbour unused for tau rounds must be waited for.
+        overdue = live & (k - self.last_used >= self.tau * self.period)
         if (overdue & ~fresh).any():
             return None
-        # Rule 3: within the budget, wait for neighbours predicted to arrive in it.
+        # Rule 3: wait, at most the budget in all, while a neighbour is
+        # predicted to deposit between now and the end of the budget; one
+        # whose predicted deposit is already past is late, not about to come.
         deadline = self._wait_started + self.gamma * (self.compute_time or 0.0)
-        if now < deadline and any(self.predicted_arrival(j) <= deadline
+        if now < deadline and any(now <= self.predicted_arrival(j) <= deadline
                                   for j in np.flatnonzero(live & ~fresh)):
             return None
 
         self._wait_started = None
-        return self.uniform(list(np.flatnonzero(fresh)))
+        return self.uniform(np.flatnonzero(fresh))
 
     def predicted_arrival(self, j):
-        """Neighbour j's next deposit time: its last one plus its usual interval."""
-        seq, time = self._seen[j]
+        """Neighbour j's next deposit here: its last one plus a period of its iterations."""
+        seq, time, _ = self._seen[j]
         if seq == 0 or self.interval[j] is None:
             return float("inf")
-        return time + self.interval[j]
+        return time + self.period * self.interval[j]
 
     def step_scale(self):
         known = [t for t in self.interval if t is not None]

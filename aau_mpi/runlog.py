@@ -29,7 +29,9 @@ class RankLog:
 
     The trace is the JSON array format, whose closing bracket is optional, so
     a run that is killed still leaves a file Perfetto and chrome://tracing
-    open. Timestamps are training seconds, in microseconds.
+    open. Timestamps are training seconds, in microseconds. The main thread's
+    phases are on tid 0; the deposit, which overlaps them on the
+    communication thread, on tid 1.
     """
 
     def __init__(self, folder, rank, trace=False):
@@ -40,26 +42,46 @@ class RankLog:
             self.trace = open(Path(folder) / TRACE.format(rank), "a", buffering=1 << 16)
             if self.trace.tell() == 0:
                 self.trace.write("[\n")
+        self.iterations = self.neighbours = 0
+        self.wait = self.sleep = 0.0
+        self._previous_end = None
 
     def iteration(self, record, **extra):
         line = {"iteration": record.iteration, "time": round(record.time, 6),
-                "deposit": record.deposit_seconds, "compute": record.compute_seconds,
-                "wait": record.wait_seconds, "averaged": record.averaged,
+                "compute": record.compute_seconds, "wait": record.wait_seconds,
+                "deposit": record.deposit_seconds, "deposit_wait": record.deposit_wait_seconds,
+                "mix": record.mix_seconds, "step": record.step_seconds,
+                "delay": record.delay, "averaged": record.averaged,
                 "staleness": record.staleness, "step_scale": record.step_scale, **extra}
         self.lines.write(json.dumps(line) + "\n")
+        self.iterations += 1
+        self.neighbours += len(record.averaged)
+        self.wait += record.wait_seconds
+        self.sleep += record.delay
         if self.trace:
-            start = record.started
-            for name, seconds in (("deposit", record.deposit_seconds),
-                                  ("compute", record.compute_seconds),
-                                  ("wait", record.wait_seconds)):
+            start = record.started - record.compute_seconds
+            for name, seconds in (("compute", record.compute_seconds),
+                                  ("wait", record.wait_seconds),
+                                  ("mix", record.mix_seconds + record.deposit_wait_seconds),
+                                  ("step", record.step_seconds)):
                 self.span(name, start, seconds, k=record.iteration)
                 start += seconds
+            if self._previous_end is not None:
+                self.span("deposit", self._previous_end, record.deposit_seconds, tid=1,
+                          k=record.iteration)
+            self._previous_end = record.time
 
-    def span(self, name, start, seconds, **args):
+    def span(self, name, start, seconds, tid=0, **args):
         if self.trace:
-            event = {"name": name, "ph": "X", "pid": self.rank, "tid": 0,
+            event = {"name": name, "ph": "X", "pid": self.rank, "tid": tid,
                      "ts": round(start * 1e6, 1), "dur": round(seconds * 1e6, 1), "args": args}
             self.trace.write(json.dumps(event) + ",\n")
+
+    def totals(self, seconds):
+        """Per-rank summary figures over this job's `seconds` of training."""
+        return {"neighbours": self.neighbours / max(self.iterations, 1),
+                "wait_share": self.wait / max(seconds, 1e-9),
+                "sleep_share": self.sleep / max(seconds, 1e-9)}
 
     def flush(self):
         self.lines.flush()
@@ -78,11 +100,19 @@ def append_json_line(path, record):
 
 
 def write_json(path, record):
-    """Write JSON atomically: a reader never sees half a file."""
+    """Write JSON atomically and durably: a reader, or a crash right after, never
+    leaves half a file (fsync before the rename, and of the folder after it)."""
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as out:
         json.dump(record, out, indent=1)
+        out.flush()
+        os.fsync(out.fileno())
     os.replace(tmp, path)
+    folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
 
 
 def duration(seconds):

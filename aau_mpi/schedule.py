@@ -3,14 +3,30 @@
 Progress is measured in samples used by all ranks together (the shared
 counter of `aau_mpi.control`) and in training seconds (the clock that
 excludes evaluation). Every rank asks the same questions of the same
-numbers, and announces what is due through the event word (see
-`aau_mpi.control`), so all ranks evaluate and stop on the same events.
+numbers, and announces what is due through the event word, so all ranks
+evaluate and stop on the same events (`aau_mpi.events` does the announcing).
+
+The event word packs (count << 2) | stop: `count` events have been announced
+so far; when `stop` is non-zero the last of them is the stop event, with
+`stop` its reason, and no event can follow it. Announcing is a
+compare-and-swap from the word the announcer last saw, so concurrent
+announcers never lose or duplicate an event: every rank sees the same
+sequence and can act on it in the same order.
 """
 
 import math
 from dataclasses import dataclass
 
-from aau_mpi.control import FINISHED, PREEMPTED, RUNNING, events_announced, pack_events
+RUNNING, FINISHED, PREEMPTED = 0, 1, 2
+
+
+def events_announced(word):
+    """(number of events announced, stop reason) packed in an event word."""
+    return int(word) >> 2, int(word) & 3
+
+
+def pack_events(count, stop=RUNNING):
+    return (int(count) << 2) | int(stop)
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,19 @@ already parsed (the trainer's inline `topology:` section, which may also be
 `{file: path/to/topology.yaml}`), or a bare generator name such as "ring".
 
 Generators: ring, torus (rows), exponential (directed), complete, star (hub),
-random_regular (degree, seed), erdos_renyi (p, seed).
+random_regular (degree, seed), erdos_renyi (p, seed), and the time-varying
+exponential_one_peer.
+
+Time-varying graphs: a graph has a `period` P (1 for every static graph) and,
+at iteration k, the edges `active_out(i, k)` / `active_in(i, k)`; the
+in/out-neighbour lists are the union over the period (what a mailbox must
+hold slots for). `edge_round(k) = k // P` counts how often the edges active
+at k have been active before (dpsgd keys its two slots by its parity).
+exponential_one_peer(n): at iteration k rank i deposits only into
+i + 2^(k mod L) mod n and reads only from i - 2^(k mod L) mod n, L =
+ceil(log2 n) (SGP's time-varying exponential graph, BlueFog's dynamic
+one-peer exp-2): one model copy per iteration at any n, and for n a power of
+two L iterations of (I + P_k)/2 average exactly.
 
 Command line, to inspect a topology before a run:
 
@@ -133,6 +145,36 @@ class Graph:
         """In-degree: how many neighbours i mixes with."""
         return len(self._in[i])
 
+    # ---- time (static graphs: every edge at every iteration) ---------------
+
+    period = 1
+
+    def active_out(self, i, k):
+        """Nodes that i deposits into at iteration k."""
+        return self.out_neighbours(i)
+
+    def active_in(self, i, k):
+        """Nodes whose iteration-k deposits i reads."""
+        return self.in_neighbours(i)
+
+    def edge_round(self, k):
+        """How often the edges active at iteration k were active before k."""
+        return k // self.period
+
+    def mixing_row(self, i, k=0, kind="metropolis"):
+        """(self weight, {in-neighbour: weight}) of node i at iteration k: row i of
+        the mixing matrix, computed from the degrees alone (no n x n matrix)."""
+        if kind not in MIXING_KINDS:
+            raise UserError(f"unknown mixing {kind!r}: choose from {', '.join(MIXING_KINDS)}")
+        if kind == "metropolis" and self._directed:
+            raise UserError(f"metropolis mixing needs an undirected graph and {self._name} "
+                            "is directed: use mixing 'uniform'")
+        if kind == "metropolis":
+            row = {j: 1.0 / (1 + max(self.degree(i), self.degree(j))) for j in self._in[i]}
+        else:
+            row = {j: 1.0 / (self.degree(i) + 1) for j in self._in[i]}
+        return 1.0 - sum(row.values()), row
+
     def _distances_from(self, start):
         """BFS hop counts along edge directions; unreachable nodes are absent."""
         distance = {start: 0}
@@ -178,20 +220,13 @@ class Graph:
         return longest
 
     def mixing_matrix(self, kind="metropolis"):
-        """W with row i = the weights node i gives itself and its in-neighbours."""
-        if kind not in MIXING_KINDS:
-            raise UserError(f"unknown mixing {kind!r}: choose from {', '.join(MIXING_KINDS)}")
-        if kind == "metropolis" and self._directed:
-            raise UserError(f"metropolis mixing needs an undirected graph and {self._name} "
-                            "is directed: use mixing 'uniform'")
+        """W with row i = the weights node i gives itself and its in-neighbours
+        (dense n x n: for reports and tests; training uses mixing_row)."""
         weights = np.zeros((self._n, self._n))
         for i in range(self._n):
-            for j in self._in[i]:
-                if kind == "metropolis":
-                    weights[i, j] = 1.0 / (1 + max(self.degree(i), self.degree(j)))
-                else:
-                    weights[i, j] = 1.0 / (self.degree(i) + 1)
-            weights[i, i] = 1.0 - weights[i].sum()
+            weights[i, i], row = self.mixing_row(i, 0, kind)
+            for j, w in row.items():
+                weights[i, j] = w
         return weights
 
     def spectral_gap(self, kind="metropolis"):
@@ -262,6 +297,49 @@ def exponential(n, directed=False):
     if directed:
         return Graph(n, pairs, directed=True, name=f"exponential(n={n}, directed)")
     return _undirected(n, pairs, f"exponential(n={n})")
+
+
+class OnePeerExponential(Graph):
+    """Time-varying: at iteration k, i -> i + 2^(k mod L) mod n only (see module doc).
+
+    Its edges are the union over the period (the directed exponential graph);
+    mixing at iteration k is (x_i + x_{i - 2^(k mod L)}) / 2, doubly stochastic
+    because each k's edges form a permutation.
+    """
+
+    def __init__(self, n):
+        self.hops = [2 ** h for h in range((n - 1).bit_length())]
+        super().__init__(n, [(i, (i + hop) % n) for i in range(n) for hop in self.hops],
+                         directed=True, name=f"exponential_one_peer(n={n})")
+        self.period = max(1, len(self.hops))
+
+    def active_out(self, i, k):
+        return [(i + self.hops[k % self.period]) % self.n] if self.hops else []
+
+    def active_in(self, i, k):
+        return [(i - self.hops[k % self.period]) % self.n] if self.hops else []
+
+    def mixing_row(self, i, k=0, kind="uniform"):
+        if kind not in MIXING_KINDS:
+            raise UserError(f"unknown mixing {kind!r}: choose from {', '.join(MIXING_KINDS)}")
+        row = {j: 0.5 for j in self.active_in(i, k)}
+        return 1.0 - sum(row.values()), row
+
+    def mixing_matrix(self, kind="uniform"):
+        """The average of the period's matrices (for reports)."""
+        weights = np.zeros((self.n, self.n))
+        for k in range(self.period):
+            for i in range(self.n):
+                self_weight, row = self.mixing_row(i, k, kind)
+                weights[i, i] += self_weight / self.period
+                for j, w in row.items():
+                    weights[i, j] += w / self.period
+        return weights
+
+
+@GENERATORS.register("exponential_one_peer")
+def exponential_one_peer(n):
+    return OnePeerExponential(n)
 
 
 @GENERATORS.register("complete")

@@ -1,10 +1,13 @@
-"""MPI start-up: who am I, who shares my node, which device and how many threads.
+"""MPI start-up: who am I, who shares my node, which device, how many threads, what time it is.
 
-One `World` per process, created once by the entry point. It also fixes the
-job clock: seconds since a common start taken right after a barrier, so that
-timestamps in mailbox headers are comparable between ranks of one node (and
-within a few microseconds of barrier skew across nodes; spec section 2.5 only
-ever compares a sender's times with its own earlier times).
+`aau_mpi.init()` is the one call a training script makes first; it returns
+the process's `World` (and keeps it as the default for everything built
+afterwards). It also fixes the **job clock** that every mailbox header
+carries (spec section 2, contract 5): seconds since a common start, taken on
+rank 0's clock. Each node's leader measures its clock's offset from rank 0's
+at start-up (the ping-pong with the smallest round trip of a few) and shares
+it with its node, so timestamps from different nodes are on one time line
+within about half that round trip. On one node the offset is ~0.
 """
 
 import os
@@ -18,6 +21,10 @@ from mpi4py import MPI
 from aau_mpi.errors import UserError
 
 ABORT_GRACE_SECONDS = 0.5
+OFFSET_ROUNDS = 8          # ping-pongs per node leader; the fastest one is kept
+DEVICES = ("auto", "cpu", "cuda")
+
+_current = None            # the World that init() made
 
 
 @dataclass(frozen=True)
@@ -29,13 +36,15 @@ class World:
     local_rank: int
     local_size: int
     cores_per_node: int
-    start_time: float     # MPI.Wtime() at the common start
+    start_time: float     # rank 0's MPI.Wtime() at the common start
+    clock_offset: float   # rank 0's Wtime minus this node's Wtime
+    device: object = None  # torch.device chosen by init(); None before
 
     def clock(self):
-        """Seconds since the job's common start."""
-        return MPI.Wtime() - self.start_time
+        """The job clock: seconds since the common start, on rank 0's time line."""
+        return MPI.Wtime() + self.clock_offset - self.start_time
 
-    def device(self):
+    def node_device(self):
         """`cuda:<local rank mod GPUs>` when CUDA is available, else `cpu`."""
         import torch
         if torch.cuda.is_available():
@@ -72,17 +81,86 @@ def _node_cores(node_comm):
     return len(union)
 
 
-def init_world(comm=None):
-    """Collective over `comm` (default COMM_WORLD): build the World."""
+def _clock_offsets(comm, node_comm):
+    """rank 0's Wtime minus this node's Wtime (Cristian's method, node leaders only).
+
+    Collective. Each node leader other than rank 0's asks rank 0 for its time
+    OFFSET_ROUNDS times and keeps the answer with the shortest round trip,
+    assuming the reply was read half-way through it.
+    """
+    leaders = comm.Split(0 if node_comm.Get_rank() == 0 else MPI.UNDEFINED, comm.Get_rank())
+    offset = 0.0
+    if leaders != MPI.COMM_NULL:
+        ping = bytearray(1)
+        if leaders.Get_rank() == 0:
+            for other in range(1, leaders.Get_size()):
+                for _ in range(OFFSET_ROUNDS):
+                    leaders.Recv(ping, source=other, tag=1)
+                    leaders.send(MPI.Wtime(), dest=other, tag=2)
+        else:
+            best = None
+            for _ in range(OFFSET_ROUNDS):
+                sent = MPI.Wtime()
+                leaders.Send(ping, dest=0, tag=1)
+                remote = leaders.recv(source=0, tag=2)
+                received = MPI.Wtime()
+                if best is None or received - sent < best[0]:
+                    best = (received - sent, remote - (sent + received) / 2)
+            offset = best[1]
+        leaders.Free()
+    return node_comm.bcast(offset, root=0)
+
+
+def init_world(comm=None, device=None):
+    """Collective over `comm` (default COMM_WORLD): build the World (no torch settings)."""
     comm = comm or MPI.COMM_WORLD
     node_comm = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.Get_rank())
     cores = _node_cores(node_comm)
+    offset = _clock_offsets(comm, node_comm)
     comm.Barrier()
-    start = MPI.Wtime()
+    start = comm.bcast(MPI.Wtime() if comm.Get_rank() == 0 else None, root=0)
     return World(comm=comm, rank=comm.Get_rank(), size=comm.Get_size(),
                  node_comm=node_comm, local_rank=node_comm.Get_rank(),
                  local_size=node_comm.Get_size(), cores_per_node=cores,
-                 start_time=start)
+                 start_time=start, clock_offset=offset, device=device)
+
+
+def init(comm=None, *, device="auto", abort_on_error=True):
+    """Start aau_mpi in this process: collective over `comm` (default COMM_WORLD).
+
+    Sets torch's threads to this rank's share of its node's cores, picks the
+    device (`auto`: the node-local GPU `cuda:<local rank mod GPUs>` when CUDA
+    is available, else the CPU) and makes it torch's current CUDA device, and,
+    with `abort_on_error`, makes an uncaught exception on any rank end the
+    whole job instead of leaving the others waiting. Returns the World.
+    """
+    global _current
+    if device not in DEVICES:
+        raise UserError(f"device must be one of {', '.join(DEVICES)}, got {device!r}: "
+                        f"use device='auto'")
+    world = init_world(comm)
+    if abort_on_error:
+        install_abort_hook(world.comm)
+    import torch
+    world.set_torch_threads()
+    if device == "cpu":
+        chosen = torch.device("cpu")
+    elif device == "cuda" and not torch.cuda.is_available():
+        raise UserError("device: cuda requested but torch sees no GPU: set device=auto "
+                        "or device=cpu, or install a CUDA build of torch")
+    else:
+        chosen = world.node_device()
+    if chosen.type == "cuda":
+        # Anything that uses "the current device" (new tensors, NCCL, cuDNN
+        # handles) must land on this rank's GPU, not on GPU 0.
+        torch.cuda.set_device(chosen)
+    _current = World(**{**world.__dict__, "device": chosen})
+    return _current
+
+
+def current_world():
+    """The World that init() made, or None before init()."""
+    return _current
 
 
 def report_and_abort(message, exit_code=2, comm=None):

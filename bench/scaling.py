@@ -28,12 +28,10 @@ FRACTIONS = (0.25, 0.5, 1.0)  # of the sample budget, where the table reads the 
 
 
 def worker(plan_path):
-    from aau_mpi.world import init_world, install_abort_hook
+    from aau_mpi.world import init
 
     plan = json.loads(Path(plan_path).read_text())
-    world = init_world()
-    install_abort_hook(world.comm)
-    world.set_torch_threads()
+    world = init(device="cpu")
     runs = []
     for seed in plan["seeds"]:
         for policy in plan["policies"]:

@@ -95,12 +95,10 @@ def best_rates(tuning):
 def worker(plan_path):
     """One rank of the MPI job: train every run of the plan."""
     from aau_mpi.checkpoint import load_model
-    from aau_mpi.world import init_world, install_abort_hook
+    from aau_mpi.world import init
 
     plan = json.loads(Path(plan_path).read_text())
-    world = init_world()
-    install_abort_hook(world.comm)
-    world.set_torch_threads()
+    world = init(device="cpu")
 
     def train(phase, setting, seed, variant, lr):
         overrides = run_overrides(plan, phase, setting, seed, variant, lr)

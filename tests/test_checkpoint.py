@@ -115,7 +115,7 @@ def test_pruning_keeps_newest_complete_generations(tmp_path, keep, survivors):
     assert find_checkpoint(tmp_path) == tmp_path / "gen-000004" / "manifest.h5"
 
 
-def test_commit_is_idempotent_and_needs_every_rank(tmp_path):
+def test_commit_is_idempotent_needs_every_rank_and_reads_check_the_files(tmp_path):
     first = write_generation(tmp_path, 1)
     assert commit_generation(tmp_path, 1, 2, CONFIG, META) == first
     assert read_manifest(first).generation == 1
@@ -123,8 +123,9 @@ def test_commit_is_idempotent_and_needs_every_rank(tmp_path):
     with pytest.raises(UserError, match=r"cannot commit generation 2: .*rank-00001.h5 is missing"):
         commit_generation(tmp_path, 2, 2, CONFIG, META)
     write_rank_state(tmp_path, 2, 1, 3, rank_arrays(1), {})  # written for another world size
+    manifest = read_manifest(commit_generation(tmp_path, 2, 2, CONFIG, META))
     with pytest.raises(UserError, match=r"holds rank 1 of 3, generation 2, expected rank 1 of 2"):
-        commit_generation(tmp_path, 2, 2, CONFIG, META)
+        read_rank_state(manifest, 1)  # a commit only stats the files; a read checks them
     with pytest.raises(UserError, match="keep must be at least 1"):
         commit_generation(tmp_path, 1, 2, CONFIG, META, keep=0)
 

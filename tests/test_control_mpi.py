@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from mpi4py import MPI
 
-from aau_mpi.control import FINISHED, JobControl, events_announced, pack_events
+from aau_mpi.control import JobControl
+from aau_mpi.schedule import FINISHED, events_announced, pack_events
 
 comm = MPI.COMM_WORLD
 
@@ -16,7 +17,7 @@ def test_concurrent_additions_are_never_lost():
     control = JobControl(comm, initial_samples=7)
     totals = [control.add_samples(3)[0] for _ in range(500)]
     comm.Barrier()
-    used, _ = control.poll()
+    used, _ = control.add_samples(0)
     control.close()
     assert used == 7 + 3 * 500 * comm.size
     everyone = sorted(t for mine in comm.allgather(totals) for t in mine)
@@ -37,7 +38,7 @@ def test_racing_announcers_produce_one_sequence_of_events():
         won += found == word
         word = new if found == word else found
     comm.Barrier()
-    _, final = control.poll()
+    _, final = control.add_samples(0)
     control.close()
     assert final == pack_events(200, FINISHED)
     assert comm.allreduce(won) == 200, "each event announced by exactly one rank"

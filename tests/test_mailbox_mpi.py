@@ -38,9 +38,9 @@ class UnprotectedMailbox(Mailbox):
     copy. The torn-read test must catch that, which shows it can fail.
     """
 
-    def _set_versions(self, slots, odd):
-        if not odd:
-            super()._set_versions(slots, odd)
+    def _set_version(self, target, slot, version):
+        if version % 2 == 0:
+            super()._set_version(target, slot, version)
 
 
 @pytest.mark.mpi(min_size=2)

@@ -3,25 +3,32 @@
 import io
 import json
 
-from aau_mpi.engine import Iteration
+from aau_mpi.optimizer import Iteration
 from aau_mpi.runlog import Progress, RankLog, duration, summary_table
 from aau_mpi.schedule import Schedule
 
 
 def test_rank_log_writes_json_lines_and_an_unterminated_chrome_trace(tmp_path):
     log = RankLog(tmp_path, 3, trace=True)
-    record = Iteration(7, started=1.0, deposit_seconds=0.001, compute_seconds=0.01,
-                       wait_seconds=0.002, time=1.013, averaged=[2, 4], staleness=[0, 1])
-    log.iteration(record, loss=0.5)
-    log.span("evaluate", 1.02, 0.0, evaluation=1)
+    for k, started in ((7, 1.0), (8, 1.03)):
+        record = Iteration(k, started=started, compute_seconds=0.01, wait_seconds=0.002,
+                           deposit_seconds=0.001, deposit_wait_seconds=0.0005,
+                           mix_seconds=0.0004, step_seconds=0.0001, time=started + 0.003,
+                           averaged=[2, 4], staleness=[0, 1])
+        log.iteration(record, loss=0.5)
+    log.span("evaluate", 1.04, 0.0, evaluation=1)
     log.close()
-    line = json.loads((tmp_path / "rank-00003.jsonl").read_text())
+    line = json.loads((tmp_path / "rank-00003.jsonl").read_text().splitlines()[0])
     assert line["iteration"] == 7 and line["averaged"] == [2, 4] and line["loss"] == 0.5
+    assert {"compute", "wait", "deposit", "deposit_wait", "mix", "step"} <= set(line)
     # The array format without its closing bracket is what a killed run leaves.
     text = (tmp_path / "trace-rank-00003.json").read_text()
     events = json.loads(text.rstrip(",\n") + "]")
-    assert [e["name"] for e in events] == ["deposit", "compute", "wait", "evaluate"]
-    assert events[1]["ts"] == 1_001_000.0 and events[1]["dur"] == 10000.0
+    names = [e["name"] for e in events]
+    assert names == ["compute", "wait", "mix", "step"] * 2 + ["deposit", "evaluate"]
+    assert events[0]["ts"] == 990_000.0 and events[0]["dur"] == 10000.0
+    deposit = events[8]
+    assert deposit["tid"] == 1 and deposit["ts"] == 1_003_000.0, "overlapping, on its thread"
     assert all(e["pid"] == 3 and e["ph"] == "X" for e in events)
 
 

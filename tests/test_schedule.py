@@ -1,6 +1,6 @@
 """The job schedule: progress, evaluation points and the stop, as event words."""
 
-from aau_mpi.control import FINISHED, PREEMPTED, events_announced, pack_events
+from aau_mpi.schedule import FINISHED, PREEMPTED, events_announced, pack_events
 from aau_mpi.schedule import Schedule
 
 

@@ -7,7 +7,7 @@ import sys
 import pytest
 from mpi4py import MPI
 
-from aau_mpi.world import init_world
+from aau_mpi.world import _clock_offsets, init, init_world
 
 
 @pytest.mark.mpi(min_size=2)
@@ -24,9 +24,26 @@ def test_node_local_ranks_threads_and_device():
     import torch
     assert torch.get_num_threads() == world.threads_per_rank()
     expected = "cuda" if torch.cuda.is_available() else "cpu"
-    assert world.device().type == expected
+    assert world.node_device().type == expected
+    assert init(device="auto").device.type == expected
     ticks = comm.allgather(world.clock())
     assert all(0 <= t < 60 for t in ticks), "the clock counts from the common start"
+    assert world.clock_offset == 0.0, "one node: every rank is on rank 0's clock"
+
+
+@pytest.mark.mpi(min_size=2)
+def test_clock_offsets_are_measured_per_node_leader():
+    """Pretend odd and even ranks sit on two nodes: the odd node's leader measures
+    its offset from rank 0 by ping-pong. Both run on this machine's one clock, so
+    the estimate is within half a round trip of zero, on every rank of the node."""
+    comm = MPI.COMM_WORLD
+    fake_node = comm.Split(comm.rank % 2, comm.rank)
+    offset = _clock_offsets(comm, fake_node)
+    offsets = comm.allgather(offset)
+    assert offsets[0] == 0.0
+    assert len({offsets[r] for r in range(1, comm.size, 2)}) == 1, "one offset per node"
+    assert abs(offsets[1]) < 0.05
+    fake_node.Free()
 
 
 @pytest.mark.mpi(min_size=2)

@@ -1,0 +1,191 @@
+"""Job-wide events for one rank: the global sample count, evaluations, the stop.
+
+Evaluation needs every rank (an average is a collective), and the stop must
+reach every rank, yet no rank may block in a collective while a neighbour
+waits for its next deposit: that neighbour would never reach the
+collective. So events are announced through the event word of the control
+window on rank 0 (`aau_mpi.control`, encoding in `aau_mpi.schedule`) and
+every rank serves them in the same order: after a step, and also while it
+waits (for neighbours, or in the final average), so a rank blocked on a
+neighbour that is already in an evaluation joins it from its wait loop. The
+stop is only taken after a step.
+
+The counter is batched: a rank adds its samples and reads the event word
+every `flush_seconds` (or when it holds more than its share of 0.2 % of the
+sample budget), not every step, so control costs no round trip on most
+steps at any number of ranks. The budget is overshot by about the samples
+all ranks process in two flush intervals (well under 1 % of any budget of
+more than a few seconds).
+
+Lock-step ranks (the allreduce policy) must serve the same events after the
+same step and take identical steps: they agree on the event word and on
+the progress with a MAX-Allreduce after every step.
+
+Training seconds exclude evaluation time: the clock that time budgets,
+evaluation intervals, straggler models and learning-rate schedules read.
+"""
+
+import signal
+import time
+
+import numpy as np
+from mpi4py import MPI
+
+from aau_mpi.control import JobControl
+from aau_mpi.schedule import RUNNING, Schedule, events_announced
+
+FLUSH_SECONDS = 0.02
+BUDGET_SHARE = 0.002          # most of the sample budget a rank holds unreported
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class JobEvents:
+    """Collective to build and close; `count` after each step, `poll` while waiting."""
+
+    def __init__(self, comm, schedule, clock, *, lockstep=False, on_evaluation=None,
+                 barrier=None, flush_seconds=FLUSH_SECONDS):
+        self.comm, self.schedule, self.clock = comm, schedule or Schedule(), clock
+        self.lockstep = lockstep
+        self.on_evaluation = on_evaluation
+        self.barrier = barrier or (lambda: comm.Barrier())
+        self.flush_seconds = flush_seconds
+        self.control = JobControl(comm)
+        size = comm.Get_size()
+        budget = self.schedule.sample_budget
+        self.max_pending = max(1, int(BUDGET_SHARE * budget / size)) if budget else None
+        self.samples = 0                  # global samples, as last seen (+ own unreported)
+        self.own_samples = 0              # this rank's samples (its share of the count)
+        self.evaluations_before = 0       # evaluations done before this job (a resume)
+        self.seconds_before = 0.0         # training seconds before this job
+        self.preempted = False
+        self.word = 0                     # the newest event word this rank has seen
+        self.served = 0                   # events of this job served by this rank
+        self.stopped = False
+        self.excluded = 0.0               # evaluation seconds in this job
+        self.started = clock()
+        self._pending = 0
+        self._flushed = time.monotonic()
+        self._agreed_progress = 0.0
+
+    # ---- clocks and progress ----------------------------------------------
+
+    def restore(self, own_samples, seconds_before, evaluations_before):
+        """Collective (a resume): continue from a checkpoint's counters.
+
+        The global count restarts from every rank's samples together, the
+        training clock from the latest rank's, and the evaluation numbering
+        from the largest, or from the evaluation points already passed when
+        the interval changed (not a burst of evaluations at once).
+        """
+        samples = self.comm.allreduce(own_samples)
+        seconds = self.comm.allreduce(seconds_before, op=MPI.MAX)
+        passed = [seconds // self.schedule.eval_seconds if self.schedule.eval_seconds else 0,
+                  samples // self.schedule.eval_samples if self.schedule.eval_samples else 0]
+        evaluations = max(self.comm.allreduce(evaluations_before, op=MPI.MAX),
+                          *(int(p) for p in passed))
+        if self.comm.Get_rank() == 0:
+            self.control.add_samples(samples - self.samples)
+        self.comm.Barrier()  # the counter holds the total before anyone reads it
+        self.samples, self.own_samples = samples, own_samples
+        self.seconds_before, self.evaluations_before = seconds, evaluations
+        self.started, self.excluded = self.clock(), 0.0
+        self._agreed_progress = self.schedule.progress(samples, seconds)
+
+    def training_seconds(self):
+        """Seconds of training: since the run's start, evaluation time excluded."""
+        return self.seconds_before + self.clock() - self.started - self.excluded
+
+    def progress(self):
+        """Fraction of the budget used, in [0, 1] (learning-rate schedules' x axis).
+        Lock-step ranks use the value agreed after the last step, so that their
+        identical models take identical steps."""
+        if self.lockstep:
+            return self._agreed_progress
+        return self.schedule.progress(self.samples, self.training_seconds())
+
+    @property
+    def evaluations(self):
+        """Evaluations done so far, this job's and those before it."""
+        return self.evaluations_before + self.served - (1 if self.stopped else 0)
+
+    @property
+    def reason(self):
+        return events_announced(self.word)[1]
+
+    # ---- the service points -------------------------------------------------
+
+    def count(self, samples):
+        """After a step: count its samples, serve what is due; True once stopped."""
+        self.own_samples += samples
+        self._pending += samples
+        self.samples += samples
+        if self._flush_due():
+            self._flush()
+        if self.lockstep:
+            agreed = np.array([self.word, self.schedule.progress(
+                self.samples, self.training_seconds())], np.float64)
+            self.comm.Allreduce(MPI.IN_PLACE, agreed, op=MPI.MAX)
+            self.word, self._agreed_progress = max(self.word, int(agreed[0])), float(agreed[1])
+        self._serve(stop_allowed=True)
+        return self.stopped
+
+    def poll(self):
+        """While waiting: announce and serve what is due (evaluations; never the stop)."""
+        if time.monotonic() - self._flushed >= self.flush_seconds:
+            self._flush()
+            if not self.lockstep:
+                self._serve(stop_allowed=False)
+
+    def _flush_due(self):
+        return (time.monotonic() - self._flushed >= self.flush_seconds
+                or (self.max_pending is not None and self._pending >= self.max_pending)
+                or self.preempted)
+
+    def _flush(self):
+        self.samples, word = self.control.add_samples(self._pending)
+        self._pending = 0
+        self._flushed = time.monotonic()
+        self.word = max(self.word, self._announce(word))
+
+    def _announce(self, word):
+        """Announce whatever is due after `word`; return the newest event word."""
+        while (new := self.schedule.next_word(word, self.evaluations_before, self.samples,
+                                              self.training_seconds(),
+                                              self.preempted)) is not None:
+            found = self.control.announce(word, new)
+            word = new if found == word else found
+        return word
+
+    def _serve(self, stop_allowed):
+        """Run the events announced up to self.word in order; the stop last."""
+        count, stop = events_announced(self.word)
+        while self.served < count and not self.stopped:
+            if self.served + 1 == count and stop != RUNNING:
+                if stop_allowed:
+                    self.served += 1
+                    self.stopped = True
+                return
+            self.served += 1
+            self._evaluate(self.evaluations_before + self.served)
+
+    def _evaluate(self, number):
+        """Collective; its time (once every rank is here) is excluded from training."""
+        self.barrier()
+        started = self.clock()
+        if self.on_evaluation is not None:
+            self.on_evaluation(number)
+        self.excluded += self.clock() - started
+
+    # ---- preemption ----------------------------------------------------------
+
+    def handle_signals(self):
+        """SIGTERM / SIGUSR1 (Slurm's warning before preemption) announce the stop."""
+        def flag(signum, frame):
+            self.preempted = True  # the next service point announces the stop
+        for signum in PREEMPTION_SIGNALS:
+            signal.signal(signum, flag)
+
+    def close(self):
+        """Collective."""
+        self.control.close()
+

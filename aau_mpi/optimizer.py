@@ -1,0 +1,581 @@
+"""DecentralizedOptimizer: decentralized training inside the user's own PyTorch loop.
+
+    ctx = aau_mpi.init()
+    model = Net().to(ctx.device)
+    opt = aau_mpi.DecentralizedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
+                                         model, policy="aau", topology="ring", batch_size=64)
+    while not opt.should_stop():
+        x, y = next(batches)
+        opt.zero_grad(); loss_fn(model(x), y).backward(); opt.step()
+    opt.finish()                 # collective: the model now holds the average of all ranks
+
+It wraps any torch optimizer (like torch.distributed's PostLocalSGDOptimizer
+or Horovod's DistributedOptimizer) and runs spec section 3 around its step:
+
+    deposit(x_k)  -- on a communication thread, while the user's loop
+                     computes the gradient at x_k (aau_mpi.depositor)
+    step():  wait until the policy selects (serving job-wide events and the
+             watchdog meanwhile); x <- mix(x, neighbours' deposits); the
+             wrapped optimizer's step (lr times the policy's step scale);
+             k += 1; deposit(x_{k+1}) starts.
+
+The model's parameters and floating buffers live in one flat tensor on the
+model's device (aau_mpi.parameters): the mix and the step happen there. On
+a GPU, one device-to-host copy per deposit (asynchronous, on its own stream,
+into pinned memory) and one host-to-device copy per neighbour payload mixed;
+gradients never leave the device except for the allreduce baseline.
+
+Layers: the mailbox (transport) knows nothing of policies; the policy
+(pure decisions) knows nothing of MPI or torch; this class joins them around
+a torch model, and the trainer (aau_mpi.train) is one user of it.
+"""
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from mpi4py import MPI
+
+from aau_mpi.depositor import Depositor, use_thread
+from aau_mpi.errors import UserError
+from aau_mpi.events import JobEvents
+from aau_mpi.mailbox import Backoff, Mailbox
+from aau_mpi.parameters import FlatParameters, HostStaging
+from aau_mpi.policies import Policy, build_policy
+from aau_mpi.schedule import PREEMPTED, Schedule
+from aau_mpi.stragglers import Straggler, build_straggler, slow_down
+from aau_mpi.topology import Graph, load_topology
+from aau_mpi.watchdog import Watchdog, neighbour_report
+from aau_mpi.world import current_world, install_abort_hook
+
+# Every microsecond between a deposit (or a collective's completion) and
+# this rank noticing it adds to the iteration: poll at least every 0.1 ms
+# (a 1 ms cap made LeNet iterations on digits 1.6x slower, for every policy).
+POLL_CAP = 1e-4
+
+
+@dataclass
+class Iteration:
+    """What one step did: the policy's visible behaviour and the time split, per rank."""
+    iteration: int
+    started: float                # training clock when the step was called
+    compute_seconds: float        # since the previous step returned (the user's loop), + delay
+    wait_seconds: float           # waiting for the policy to select, or in the Allreduce
+    deposit_seconds: float        # the previous deposit, on the communication thread
+    deposit_wait_seconds: float   # this thread blocked on that deposit before mixing
+    mix_seconds: float
+    step_seconds: float           # the wrapped optimizer's step
+    delay: float = 0.0            # straggler sleep (part of compute_seconds)
+    time: float = 0.0             # training clock at the end of the step
+    averaged: list = field(default_factory=list)   # ranks whose deposits were mixed
+    staleness: list = field(default_factory=list)  # k - their deposits' iterations
+    step_scale: float = 1.0
+
+
+def wait_for(request, idle=None):
+    """Complete a non-blocking MPI request, calling `idle` while it is pending.
+
+    Waiting in Test rather than in a blocking call lets the caller serve
+    events and watch for a rank that never arrives.
+    """
+    backoff = Backoff(cap=POLL_CAP)
+    while not request.Test():
+        backoff.wait()
+        if idle:
+            idle()
+
+
+def _resolve_topology(topology, size):
+    if isinstance(topology, Graph):
+        if topology.n != size:
+            raise UserError(f"topology {topology.name} has {topology.n} nodes but the job has "
+                            f"{size} ranks: build it for {size} ranks")
+        return topology
+    return load_topology(topology, size)
+
+
+def _resolve_policy(policy, graph, rank):
+    if isinstance(policy, Policy):
+        return policy
+    if isinstance(policy, dict):
+        params = {key: value for key, value in policy.items() if key != "name"}
+        return build_policy(policy.get("name", "aau"), graph, rank, params)
+    return build_policy(policy, graph, rank)
+
+
+def _resolve_straggler(stragglers, rank, size):
+    if isinstance(stragglers, Straggler):
+        return stragglers
+    if stragglers is None:
+        return build_straggler("none", rank, size)
+    if isinstance(stragglers, dict):
+        params = {key: value for key, value in stragglers.items() if key != "name"}
+        return build_straggler(stragglers.get("name", "none"), rank, size, params)
+    return build_straggler(stragglers, rank, size)
+
+
+class DecentralizedOptimizer(torch.optim.Optimizer):
+    """A torch optimizer that trains decentralized: see the module docstring and docs/api.md.
+
+    Collective to build (every rank, same arguments), in `load_state_dict`,
+    `averaged()` and `finish()`; `step()` is not collective.
+
+    optimizer:   any torch.optim optimizer over `model`'s parameters.
+    model:       the rank's torch module, already on its device.
+    policy:      "aau" | "dpsgd" | "async" | "async_one" | "fixed_k" | "allreduce",
+                 a dict {"name": ..., **params}, or a Policy.
+    topology:    a generator name ("ring", "exponential_one_peer", ...), a dict,
+                 a topology YAML path, or a Graph for the job's size.
+    world:       from aau_mpi.init() (default: the one it made).
+    batch_size:  samples per step, counted against the schedule's sample budget.
+    schedule:    aau_mpi.Schedule(sample_budget=, time_budget=, eval_samples=,
+                 eval_seconds=): the global stop and evaluation points.
+    on_evaluation: called as on_evaluation(number) on every rank at each
+                 evaluation point, possibly from inside step() while waiting;
+                 collectives inside must use `averaged()` or communicators
+                 other than the optimizer's own.
+    stragglers:  a straggler model (name, dict or Straggler): experiments only.
+    watchdog:    seconds of waiting before a stall is reported (None: off), or
+                 a Watchdog.
+    checkpoints: an aau_mpi.Checkpointer: HDF5 checkpoints of every rank.
+    checksum:    crc32 every deposit and verify every read (soak tests).
+    overlap:     "thread": deposit on a communication thread while the loop computes
+                 (needs MPI_THREAD_MULTIPLE, else inline); "inline"; "auto": a
+                 thread on GPU ranks and where the node has 2+ cores per rank.
+    on_iteration: called with each step's Iteration record (metrics).
+    handle_signals: SIGTERM / SIGUSR1 make should_stop() true on every rank.
+    """
+
+    def __init__(self, optimizer, model, *, policy="aau", topology="ring", world=None,
+                 batch_size=1, schedule=None, on_evaluation=None, stragglers=None,
+                 watchdog=300.0, checkpoints=None, checksum=False, overlap="auto",
+                 on_iteration=None, handle_signals=True):
+        world = world or current_world()
+        if world is None:
+            install_abort_hook()  # so that this error is one line and ends the job
+            raise UserError("aau_mpi.init() was not called: call ctx = aau_mpi.init() first, "
+                            "then build the model on ctx.device and the optimizer")
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise UserError(f"DecentralizedOptimizer wraps a torch.optim optimizer, got "
+                            f"{type(optimizer).__name__}: pass e.g. torch.optim.SGD(model."
+                            f"parameters(), lr=0.1)")
+        self.world, self.optimizer, self.model = world, optimizer, model
+        self.rank, self.size = world.rank, world.size
+        # Private communicators: the user's own collectives (on world.comm)
+        # can never be started in a different order from ours.
+        self.comm = world.comm.Dup()
+        self._events_comm = world.comm.Dup()
+        self.graph = _resolve_topology(topology, self.size)
+        self.policy = _resolve_policy(policy, self.graph, self.rank)
+        self.straggler = _resolve_straggler(stragglers, self.rank, self.size)
+        self.watchdog = watchdog if isinstance(watchdog, Watchdog) else Watchdog(watchdog)
+        self.watchdog.bind(world.comm, self.rank)
+        self.batch_size = int(batch_size)
+        self.on_iteration = on_iteration
+        self.checkpoints = checkpoints
+
+        self.params = FlatParameters(model)
+        self._check_optimizer_covers_model()
+        self._check_same_model()
+        self._broadcast_initial_model()
+        self.device = self.params.device
+        self.k = 0
+        self.closed = False
+        self.last = None
+
+        self.mailbox = self.depositor = self._staging = None
+        if self.policy.uses_mailbox:
+            self.mailbox = Mailbox(self.comm, self.graph.in_neighbours(self.rank),
+                                   self.graph.out_neighbours(self.rank), self.params.numel,
+                                   self.policy.slots_per_neighbour, world.clock, checksum)
+            self.depositor = Depositor(self.mailbox, use_thread(overlap, world, self.device))
+            if self.device.type == "cuda":
+                self._staging = HostStaging(self.params.flat)
+            self._mix = torch.empty_like(self.params.flat)
+            self._incoming = torch.empty_like(self.params.flat)
+        else:
+            self._grads = torch.empty(self.params.param_numel, dtype=torch.float32,
+                                      device=self.device)
+            self._host_grads = (self._grads.numpy() if self.device.type == "cpu" else
+                                np.empty(self.params.param_numel, np.float32))
+        self.events = JobEvents(self.comm, schedule or Schedule(), world.clock,
+                                lockstep=not self.policy.uses_mailbox,
+                                on_evaluation=on_evaluation,
+                                barrier=lambda: self._wait_all(self._events_comm.Ibarrier(),
+                                                               "an evaluation"))
+        if handle_signals:
+            self.events.handle_signals()
+        if checkpoints is not None:
+            checkpoints.attach(self)
+        self._deposit()
+        self._returned_at = self._now()
+
+    # ---- set-up checks -------------------------------------------------------
+
+    def _check_optimizer_covers_model(self):
+        wrapped = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
+        if not wrapped <= {id(p) for p in self.params.params}:
+            raise UserError("the torch optimizer updates tensors that are not the model's "
+                            "parameters: build it from model.parameters() of the model you pass")
+
+    def _check_same_model(self):
+        """Collective: every rank must train the same architecture."""
+        shapes = [tuple(p.shape) for p in self.params.params]
+        everyone = self.comm.allgather((self.params.numel, hash(tuple(shapes))))
+        if len(set(everyone)) > 1:
+            numels = sorted({n for n, _ in everyone})
+            raise UserError(f"ranks built different models ({len(set(everyone))} kinds; "
+                            f"sizes {numels} values): build the same model on every rank")
+
+    def _broadcast_initial_model(self):
+        """Spec section 3: x_0 identical on every rank (rank 0's)."""
+        host = self.params.host_copy()
+        self.comm.Bcast(host, root=0)
+        if self.params.device.type != "cpu":
+            self.params.load_(host)
+
+    # ---- the torch.optim.Optimizer face ------------------------------------
+
+    @property
+    def param_groups(self):
+        return self.optimizer.param_groups
+
+    @property
+    def state(self):
+        return self.optimizer.state
+
+    @property
+    def defaults(self):
+        return self.optimizer.defaults
+
+    def zero_grad(self, set_to_none=True):
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def deposit_mode(self):
+        """How deposits run here, in words (for the start-up line)."""
+        if self.depositor is None:
+            return "no deposits (gradient Allreduce)"
+        return ("deposits overlapped on a communication thread" if self.depositor.threaded
+                else "deposits inline (no MPI_THREAD_MULTIPLE, or overlap off)")
+
+    def __repr__(self):
+        return (f"DecentralizedOptimizer({type(self.optimizer).__name__}, policy "
+                f"{type(self.policy).__name__}, {self.graph.name}, rank {self.rank}/{self.size})")
+
+    # ---- progress --------------------------------------------------------------
+
+    def _now(self):
+        return self.events.training_seconds()
+
+    @property
+    def iteration(self):
+        return self.k
+
+    @property
+    def samples(self):
+        """Samples used by all ranks together, as this rank last saw them."""
+        return self.events.samples
+
+    def progress(self):
+        """Fraction of the schedule's budget used (a learning-rate schedule's x axis)."""
+        return self.events.progress()
+
+    def training_seconds(self):
+        return self.events.training_seconds()
+
+    def should_stop(self):
+        """True once the job-wide stop was reached: the budget is used, the time is
+        up, or a preemption signal arrived (then `preempted` is True too)."""
+        return self.events.stopped
+
+    @property
+    def preempted(self):
+        return self.events.reason == PREEMPTED
+
+    # ---- one step -----------------------------------------------------------
+
+    def _check_open(self):
+        if self.closed:
+            raise UserError("the DecentralizedOptimizer is closed (finish() was called): "
+                            "build a new one to train again")
+        if not self.params.views_intact():
+            raise UserError("the model's parameters were moved or replaced after the "
+                            "DecentralizedOptimizer was built (e.g. model.to() or "
+                            "load_state_dict(assign=True)): move the model to its device "
+                            "before wrapping it, and load weights with copy semantics")
+
+    def step(self, closure=None):
+        """One iteration (spec section 3), after the user's backward pass."""
+        self._check_open()
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        started = self._now()
+        compute = started - self._returned_at
+        delay = slow_down(self.straggler, compute, started)
+        self.policy.computed(compute + delay)
+        k = self.k
+        record = Iteration(k, started, compute + delay, 0.0, 0.0, 0.0, 0.0, 0.0, delay=delay)
+        waiting = self._now()
+        if self.mailbox:
+            selection = self._select(k)
+            record.wait_seconds = self._now() - waiting
+            mixing = self._now()
+            self._mix_selection(k, selection, record)
+            record.mix_seconds = self._now() - mixing - record.deposit_wait_seconds
+            record.step_scale = self.policy.step_scale()
+        else:
+            self._average_gradients()
+            record.wait_seconds = self._now() - waiting
+        stepping = self._now()
+        self._local_step(record.step_scale)
+        record.step_seconds = self._now() - stepping
+        self.k += 1
+        self._deposit()
+        self.events.count(self.batch_size)
+        self.watchdog.reset()
+        if self.mailbox:
+            self._watch_silent_neighbours()
+        record.time = self._now()
+        self.last = record
+        if self.on_iteration is not None:
+            self.on_iteration(record)
+        if self.checkpoints is not None and not self.events.stopped and self.checkpoints.due():
+            self.checkpoints.write()
+        self._returned_at = self._now()
+        return loss
+
+    def _select(self, k):
+        backoff = Backoff(cap=POLL_CAP)
+        while (selection := self.policy.select(self.mailbox.headers(), k,
+                                               self.world.clock())) is None:
+            backoff.wait()
+            self.events.poll()
+            self.watchdog.waiting(None, self._inspect_neighbours, self.policy.synchronous)
+        return selection
+
+    def _inspect_neighbours(self):
+        headers = self.mailbox.headers()
+        report, stalled = neighbour_report(headers, self.policy.last_seq,
+                                           self.mailbox.in_neighbours, self.world.clock())
+        return report, stalled, lambda which: self.policy.skip(which, headers)
+
+    def _watch_silent_neighbours(self):
+        """For policies that never wait, the watchdog's only chance to see a stall."""
+        if self.watchdog.seconds is None or self.policy.waits:
+            return
+        headers = self.mailbox.headers()
+        silent = self.watchdog.observe(headers["seq"].sum(axis=1), self.policy.done(headers))
+        if silent:
+            report, _ = neighbour_report(headers, self.policy.last_seq,
+                                         self.mailbox.in_neighbours, self.world.clock())
+            self.watchdog.act(f"rank {self.rank} heard nothing for {self.watchdog.seconds:g} s "
+                              f"from some neighbours; {report}", silent,
+                              lambda which: self.policy.skip(which, headers), must_end=False)
+
+    def _mix_selection(self, k, selection, record):
+        flat, mix, incoming = self.params.flat, self._mix, self._incoming
+        self._finish_deposit(record)
+        with torch.no_grad():
+            torch.mul(flat, selection.self_weight, out=mix)
+            used = []
+            for (j, slot), weight in zip(selection.slots, selection.weights):
+                got = self.mailbox.read(j, slot, out=self._copier(weight))
+                if got is None:  # every copy overlapped a write: its weight stays with x
+                    mix.add_(flat, alpha=weight)
+                    continue
+                if self.device.type == "cpu":
+                    mix.add_(incoming)
+                else:
+                    mix.add_(incoming, alpha=weight)
+                used.append((j, slot, got[0]))
+                record.averaged.append(self.mailbox.in_neighbours[j])
+                record.staleness.append(int(k - got[0]["iteration"]))
+            flat.copy_(mix)
+        self.policy.mixed(used, k)
+
+    def _copier(self, weight):
+        """How a neighbour's payload leaves the window: scaled into the host buffer on
+        the CPU (one pass), copied to the device on a GPU (one host-to-device copy)."""
+        incoming = self._incoming
+        if self.device.type == "cpu":
+            def copy(source):
+                torch.mul(torch.from_numpy(source), weight, out=incoming)
+                return incoming
+        else:
+            def copy(source):
+                incoming.copy_(torch.from_numpy(source))
+                return incoming
+        return copy
+
+    def _finish_deposit(self, record):
+        """The deposit in flight reads x (on the CPU) or the staging buffer, which the
+        next stage() overwrites: let it finish before x changes."""
+        started = self._now()
+        self.depositor.wait()
+        if self._staging is not None:
+            self._staging.protect()
+        record.deposit_seconds = self.depositor.busy_seconds
+        record.deposit_wait_seconds = self._now() - started
+
+    def _average_gradients(self):
+        """The allreduce baseline: average the gradients of all ranks (watched)."""
+        self.params.gradients(self._grads)
+        if self.device.type != "cpu":
+            self._host_grads[:] = self._grads.cpu().numpy()
+        self._wait_all(self.comm.Iallreduce(MPI.IN_PLACE, self._host_grads),
+                       "the gradient Allreduce")
+        self._host_grads /= self.size
+        if self.device.type != "cpu":
+            self._grads.copy_(torch.from_numpy(self._host_grads))
+        self.params.set_gradients(self._grads)
+
+    def _local_step(self, scale):
+        if scale == 1.0:
+            self.optimizer.step()
+            return
+        rates = [group["lr"] for group in self.optimizer.param_groups]
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["lr"] * scale
+        try:
+            self.optimizer.step()
+        finally:
+            for group, rate in zip(self.optimizer.param_groups, rates):
+                group["lr"] = rate
+
+    def _deposit(self, done=False):
+        """Start depositing x_k (on the communication thread, unless done)."""
+        if self.mailbox is None:
+            return
+        self.depositor.wait()
+        self.policy.deposited(self.world.clock())
+        deposit = dict(iteration=self.k, slot=self.policy.deposit_slot(self.k), done=done,
+                       targets=self.mailbox.out_neighbours if done
+                       else self.graph.active_out(self.rank, self.k))
+        if self._staging is None:
+            self.depositor.submit(payload=self.params.flat.detach().numpy(), **deposit)
+        else:
+            self._staging.stage()
+            self.depositor.submit(before=self._staging.wait_copied,
+                                  payload=self._staging.array, **deposit)
+        if done:
+            self.depositor.wait()
+
+    # ---- waiting for every rank --------------------------------------------
+
+    def _wait_all(self, request, what):
+        """Complete a collective's request; the watchdog ends the job if a rank
+        never arrives (nobody can go on without it)."""
+        self.watchdog.reset()
+        wait_for(request, lambda: self.watchdog.waiting(what))
+        self.watchdog.reset()
+
+    def averaged(self):
+        """Collective context manager: the model holds the average of all ranks' models
+        inside the `with` block (`.own` is this rank's own flat vector), and its
+        own again after it.
+
+            with opt.averaged():
+                accuracy = evaluate(model)
+        """
+        return _Averaged(self)
+
+    def _average(self, comm, idle):
+        if self.depositor is not None:
+            self.depositor.wait()  # the deposit in flight reads x
+        own = self.params.flat.detach().clone()
+        mine = own.cpu().numpy().astype(np.float64)
+        total = np.empty_like(mine)
+        wait_for(comm.Iallreduce(mine, total), idle)
+        return own, torch.from_numpy((total / self.size).astype(np.float32))
+
+    # ---- state ----------------------------------------------------------------
+
+    def state_dict(self):
+        """This rank's state: the wrapped optimizer's, the policy's, the straggler's,
+        the rank's model (flat parameters and buffers: decentralized ranks hold
+        different models) and the progress counters."""
+        if self.depositor is not None:
+            self.depositor.wait()
+        return {"optimizer": self.optimizer.state_dict(),
+                "policy": self.policy.state_dict(),
+                "straggler": self.straggler.state_dict(),
+                "parameters": self.params.flat.detach().clone(),
+                "iteration": self.k,
+                "own_samples": self.events.own_samples,
+                "training_seconds": self.events.training_seconds(),
+                "evaluations": self.events.evaluations}
+
+    def load_state_dict(self, state):
+        """Collective: continue from `state_dict()` (this rank's, of the same job size)."""
+        self._check_open()
+        if self.depositor is not None:
+            self.depositor.wait()
+        self.params.load_(state["parameters"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.policy.load_state_dict(state["policy"])
+        self.straggler.load_state_dict(state["straggler"])
+        self.k = int(state["iteration"])
+        if self.policy.synchronous:
+            # Ranks checkpoint a step or so apart; a synchronous policy
+            # matches iteration numbers, so all continue from the largest.
+            self.k = self.comm.allreduce(self.k, op=MPI.MAX)
+        self.events.restore(int(state["own_samples"]), float(state["training_seconds"]),
+                            int(state["evaluations"]))
+        self._deposit()       # x_k, so that neighbours mix the restored model
+        if self.depositor is not None:
+            self.depositor.wait()
+        self.comm.Barrier()   # every restored deposit is in place before anyone steps
+        self._returned_at = self._now()
+
+    # ---- the end ----------------------------------------------------------------
+
+    def finish(self):
+        """Collective: stop, checkpoint (if configured), average all ranks' models.
+
+        A final deposit marked done comes first, so no neighbour waits for this
+        rank while it waits here; until every rank is here it keeps serving
+        evaluations. Returns the model, which then holds the average x_bar.
+        """
+        self._check_open()
+        if self.mailbox:
+            self._deposit(done=True)
+        if self.checkpoints is not None:
+            self.checkpoints.write(final=True)
+        own, average = self._average(self.comm, self._serve_while_finishing)
+        self.params.load_(average)
+        if self.mailbox:
+            self.depositor.close()
+            self.mailbox.close()
+        self.events.close()
+        self.comm.Free()
+        self._events_comm.Free()
+        self.closed = True
+        if not torch.isfinite(average).all():
+            raise UserError("training diverged: the averaged parameters hold NaN or inf: "
+                            "lower the learning rate")
+        return self.model
+
+    def _serve_while_finishing(self):
+        self.events.poll()
+        self.watchdog.waiting("the final average")
+
+
+class _Averaged:
+    """`with opt.averaged() as averaged:` the model holds x_bar; `averaged.own` is x_i."""
+
+    def __init__(self, opt):
+        self.opt = opt
+        self.own = None
+
+    def __enter__(self):
+        opt = self.opt
+        self.own, average = opt._average(opt._events_comm,
+                                         lambda: opt.watchdog.waiting("an average"))
+        opt.params.load_(average)
+        return self
+
+    def __exit__(self, *exc):
+        self.opt.params.load_(self.own)
+        return False
