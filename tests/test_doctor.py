@@ -17,7 +17,7 @@ THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"
 ENV = {**{k: v for k, v in os.environ.items() if k not in THREAD_VARIABLES}, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
        "PRTE_MCA_rmaps_default_mapping_policy": ":oversubscribe", "OMPI_MCA_osc": "sm,rdma",
        "PYTHONUNBUFFERED": "1"}
-CHECKS = ["MPI", "ranks", "cores", "thread env", "passive progress", "deposit bandwidth", "devices"]
+CHECKS = ["MPI", "ranks", "cores", "thread env", "one-sided", "passive progress", "deposit bandwidth", "devices"]
 
 pytestmark = pytest.mark.skipif(not MPIEXEC.exists(), reason=f"no mpiexec beside {sys.executable}")
 
@@ -81,3 +81,33 @@ def test_bad_arguments_are_one_line():
                             cwd=REPO, env=ENV, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert "invalid int value" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_window_mapping_tells_shared_from_private_memory():
+    from aau_mpi.doctor import window_mapping
+    maps = ("7f0be53ff000-7f0be5600000 rw-s 00000000 00:1b 323    "
+            "/dev/shm/osc_rdma.vm.c2600001.3.4376 (deleted)\n"
+            "7fd4d86fd000-7fd4d8800000 rw-p 00000000 00:00 0 \n")
+    assert window_mapping(0x7f0be5400000, maps) == (True, "osc_rdma.vm.c2600001.3.4376")
+    assert window_mapping(0x7fd4d86ff000, maps) == (False, "")
+    assert window_mapping(0x1000, maps) is None
+
+
+def test_transport_settings_name_what_is_set():
+    from aau_mpi.doctor import transport_settings
+    env = {"OMPI_MCA_btl": "self,tcp", "OMPI_MCA_osc": "rdma", "MPIR_CVAR_NOLOCAL": "1"}
+    assert transport_settings("Open MPI", env) == "OMPI_MCA_btl=self,tcp OMPI_MCA_osc=rdma"
+    assert transport_settings("MPICH", env) == "MPIR_CVAR_NOLOCAL=1"
+    assert transport_settings("MPI", env) == "MPI defaults"
+
+
+def test_osc_settings_that_exclude_ucx_warn_only_across_nodes_with_rdma_devices():
+    from aau_mpi.doctor import one_sided_advice
+    env = {"OMPI_MCA_osc": "sm,rdma"}
+    advice = one_sided_advice("Open MPI", env, one_node=False, devices=["mlx5_0"])
+    assert "export OMPI_MCA_osc=sm,ucx,rdma" in advice and "mlx5_0" in advice
+    assert one_sided_advice("Open MPI", env, one_node=True, devices=["mlx5_0"]) is None
+    assert one_sided_advice("Open MPI", env, one_node=False, devices=[]) is None
+    assert one_sided_advice("Open MPI", {}, one_node=False, devices=["mlx5_0"]) is None
+    assert one_sided_advice("Open MPI", {"OMPI_MCA_osc": "sm,ucx,rdma"}, False, ["mlx5_0"]) is None
+    assert one_sided_advice("MPICH", env, one_node=False, devices=["mlx5_0"]) is None
