@@ -3,11 +3,14 @@
 `aau_mpi.init()` is the one call a training script makes first; it returns
 the process's `World` (and keeps it as the default for everything built
 afterwards). It also fixes the **job clock** that every mailbox header
-carries (spec section 2, contract 5): seconds since a common start, taken on
-rank 0's clock. Each node's leader measures its clock's offset from rank 0's
+carries (spec section 2, contract 5): seconds since a common start, on rank
+0's time line. Its source is CLOCK_MONOTONIC (`time.monotonic`), which all
+processes of one node share; `MPI.Wtime` would not do: Open MPI counts it
+from each process's own MPI_Init (measured: two ranks of one node 0.13 s
+apart). Each node's leader measures its node's offset from rank 0's clock
 at start-up (the ping-pong with the smallest round trip of a few) and shares
 it with its node, so timestamps from different nodes are on one time line
-within about half that round trip. On one node the offset is ~0.
+within about half that round trip. On rank 0's node the offset is 0.
 """
 
 import os
@@ -36,13 +39,13 @@ class World:
     local_rank: int
     local_size: int
     cores_per_node: int
-    start_time: float     # rank 0's MPI.Wtime() at the common start
-    clock_offset: float   # rank 0's Wtime minus this node's Wtime
+    start_time: float     # rank 0's time.monotonic() at the common start
+    clock_offset: float   # rank 0's monotonic clock minus this node's
     device: object = None  # torch.device chosen by init(); None before
 
     def clock(self):
         """The job clock: seconds since the common start, on rank 0's time line."""
-        return MPI.Wtime() + self.clock_offset - self.start_time
+        return time.monotonic() + self.clock_offset - self.start_time
 
     def node_device(self):
         """`cuda:<local rank mod GPUs>` when CUDA is available, else `cpu`."""
@@ -82,7 +85,7 @@ def _node_cores(node_comm):
 
 
 def _clock_offsets(comm, node_comm):
-    """rank 0's Wtime minus this node's Wtime (Cristian's method, node leaders only).
+    """rank 0's monotonic clock minus this node's (Cristian's method, node leaders only).
 
     Collective. Each node leader other than rank 0's asks rank 0 for its time
     OFFSET_ROUNDS times and keeps the answer with the shortest round trip,
@@ -96,14 +99,14 @@ def _clock_offsets(comm, node_comm):
             for other in range(1, leaders.Get_size()):
                 for _ in range(OFFSET_ROUNDS):
                     leaders.Recv(ping, source=other, tag=1)
-                    leaders.send(MPI.Wtime(), dest=other, tag=2)
+                    leaders.send(time.monotonic(), dest=other, tag=2)
         else:
             best = None
             for _ in range(OFFSET_ROUNDS):
-                sent = MPI.Wtime()
+                sent = time.monotonic()
                 leaders.Send(ping, dest=0, tag=1)
                 remote = leaders.recv(source=0, tag=2)
-                received = MPI.Wtime()
+                received = time.monotonic()
                 if best is None or received - sent < best[0]:
                     best = (received - sent, remote - (sent + received) / 2)
             offset = best[1]
@@ -118,7 +121,7 @@ def init_world(comm=None, device=None):
     cores = _node_cores(node_comm)
     offset = _clock_offsets(comm, node_comm)
     comm.Barrier()
-    start = comm.bcast(MPI.Wtime() if comm.Get_rank() == 0 else None, root=0)
+    start = comm.bcast(time.monotonic() if comm.Get_rank() == 0 else None, root=0)
     return World(comm=comm, rank=comm.Get_rank(), size=comm.Get_size(),
                  node_comm=node_comm, local_rank=node_comm.Get_rank(),
                  local_size=node_comm.Get_size(), cores_per_node=cores,

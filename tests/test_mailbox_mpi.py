@@ -18,7 +18,10 @@ from aau_mpi.mailbox import Mailbox
 comm = MPI.COMM_WORLD
 # Deposits the racing writers must make at least (tests/test_transport.py asks
 # for fewer: over TCP on 2 cores a 64 KB deposit took ~20 ms, not ~20 us).
+# How long the racing tests race: copies the reader takes and deposits it must
+# see (tests/test_transport.py lowers both: over TCP each costs milliseconds).
 RACE_WRITES = int(os.environ.get("AAU_RACE_WRITES", "1000"))
+RACE_COPIES = int(os.environ.get("AAU_RACE_COPIES", "10000"))
 
 
 def star_into_zero():
@@ -83,11 +86,13 @@ def test_deposit_completes_while_target_computes_without_mpi_calls():
 
 
 def race_writers_against_reader(mailbox_class, whole_copies_wanted, floats=1 << 14,
-                                min_writes=RACE_WRITES):
+                                min_writes=RACE_WRITES, until_rejected=False):
     """Writers deposit vectors filled with their seq as fast as they can while
     rank 0 copies its slots, until it has `whole_copies_wanted` copies and has
     seen more than `min_writes` deposits (over TCP a deposit costs far more
-    than a copy); returns (whole copies, torn copies, deposits made, copies the
+    than a copy), and with `until_rejected` until the checksum rejected one
+    copy (at most 30 times the copies wanted: overlaps are a matter of
+    chance); returns (whole copies, torn copies, deposits made, copies the
     mailbox's checksum rejected).
 
     64 KB payloads: large enough for a copy to overlap writes often, small
@@ -99,7 +104,9 @@ def race_writers_against_reader(mailbox_class, whole_copies_wanted, floats=1 << 
             copies = torn = 0
             buffer = np.empty(floats, np.float32)
             seen = np.zeros(len(ins), np.int64)  # the latest seq copied from each writer
-            while copies < whole_copies_wanted or seen.sum() <= min_writes:
+            while (copies < whole_copies_wanted or seen.sum() <= min_writes
+                   or (until_rejected and not mailbox.stats["corrupt"]
+                       and copies < 30 * whole_copies_wanted)):
                 for j in range(len(ins)):
                     got = mailbox.read(j, out=buffer)
                     if got is None or got[0]["seq"] == 0:
@@ -126,10 +133,10 @@ def race_writers_against_reader(mailbox_class, whole_copies_wanted, floats=1 << 
 @pytest.mark.mpi(min_size=2)
 def test_no_torn_reads_under_racing_writers():
     """Contract 2: of at least 10,000 copies taken during writes, none is mixed."""
-    copies, torn, writes, _ = race_writers_against_reader(Mailbox, 10_000)
+    copies, torn, writes, _ = race_writers_against_reader(Mailbox, RACE_COPIES)
     if comm.rank == 0:
         print(f"\nseqlock: {copies} copies, {torn} torn, {writes} deposits raced them")
-    assert copies >= 10_000
+    assert copies >= RACE_COPIES
     assert writes > RACE_WRITES, "the writers barely ran: the race was not exercised"
     assert torn == 0
 
@@ -137,7 +144,7 @@ def test_no_torn_reads_under_racing_writers():
 @pytest.mark.mpi(min_size=2)
 def test_torn_read_check_catches_unprotected_writes():
     """The same race without the seqlock's busy mark must show torn copies."""
-    copies, torn, writes, _ = race_writers_against_reader(UnprotectedMailbox, 10_000)
+    copies, torn, writes, _ = race_writers_against_reader(UnprotectedMailbox, RACE_COPIES)
     if comm.rank == 0:
         print(f"\nraw put: {copies} copies, {torn} torn, {writes} deposits raced them")
     assert torn > 0
@@ -151,8 +158,9 @@ def test_checksums_pass_every_seqlocked_copy_and_reject_torn_ones(mailbox_class,
     without the seqlock, the checksum rejects torn payloads. (It cannot catch
     a torn header there, whose seq and checksum come from two deposits, so
     the unprotected run may still return a copy that the seq check calls torn.)"""
-    copies, torn, writes, rejected = race_writers_against_reader(mailbox_class, 3000)
-    assert (rejected > 0) == expect_rejected, f"{rejected} copies rejected"
+    copies, torn, writes, rejected = race_writers_against_reader(
+        mailbox_class, 3000, until_rejected=expect_rejected)
+    assert (rejected > 0) == expect_rejected, f"{rejected} copies rejected of {copies}"
     if not expect_rejected:
         assert torn == 0
 

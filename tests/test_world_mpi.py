@@ -32,6 +32,26 @@ def test_node_local_ranks_threads_and_device():
 
 
 @pytest.mark.mpi(min_size=2)
+def test_every_rank_reads_the_job_clock_on_one_time_line():
+    """Causal bracketing, no tolerance: rank 0 reads its clock, asks rank r for
+    r's, reads its own again; r's reading must fall between the two. (Per-process
+    clocks such as Open MPI's MPI_Wtime, which counts from each MPI_Init, fail.)"""
+    comm = MPI.COMM_WORLD
+    world = init_world()
+    for other in range(1, comm.size):
+        if comm.rank == 0:
+            before = world.clock()
+            comm.send(None, dest=other)
+            theirs = comm.recv(source=other)
+            after = world.clock()
+            assert before <= theirs <= after, f"rank {other}: {theirs} not in [{before}, {after}]"
+        elif comm.rank == other:
+            comm.recv(source=0)
+            comm.send(world.clock(), dest=0)
+    comm.Barrier()
+
+
+@pytest.mark.mpi(min_size=2)
 def test_clock_offsets_are_measured_per_node_leader():
     """Pretend odd and even ranks sit on two nodes: the odd node's leader measures
     its offset from rank 0 by ping-pong. Both run on this machine's one clock, so
