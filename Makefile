@@ -19,14 +19,10 @@ NP      ?= 4
 PY      := $(VENV)/bin/python
 MPIEXEC := $(VENV)/bin/mpiexec
 
-# Open MPI as root, more ranks than cores, and only the shared-memory /
-# RDMA one-sided components (the UCX one prints a harmless error per window).
-# MPICH's launcher ignores these.
-export OMPI_ALLOW_RUN_AS_ROOT=1
-export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
-export PRTE_MCA_rmaps_default_mapping_policy=:oversubscribe
-export OMPI_MCA_osc=sm,rdma
-export PYTHONUNBUFFERED=1
+# Open MPI as root, more ranks than cores, the one-sided components: the one
+# environment block, in scripts/mpi.env (the tests and benchmarks read it too).
+include scripts/mpi.env
+export $(shell sed -n 's/^\([A-Za-z_][A-Za-z0-9_]*\)=.*/\1/p' scripts/mpi.env)
 
 # Every MPI test run gets a per-test limit (pytest-timeout's thread method can
 # interrupt a rank blocked in MPI, the signal method cannot) and an outer hard

@@ -20,16 +20,30 @@ Layers, bottom to top (each concept in one module; docs/api.md):
 
 __version__ = "0.2.0"
 
-from aau_mpi.checkpointer import Checkpointer
-from aau_mpi.errors import UserError
-from aau_mpi.optimizer import DecentralizedOptimizer, Iteration
-from aau_mpi.policies import POLICIES, Policy, Selection, build_policy
-from aau_mpi.schedule import Schedule
-from aau_mpi.stragglers import build_straggler
-from aau_mpi.topology import Graph, generate, load_topology
-from aau_mpi.watchdog import Watchdog
-from aau_mpi.world import World, init
+# Public name -> the module that defines it. Imported on first use (PEP 562), so
+# that `python -m aau_mpi.topology`, `aau_mpi.plot` or reading a checkpoint
+# never starts MPI or imports torch.
+_EXPORTS = {
+    "init": "world", "World": "world",
+    "DecentralizedOptimizer": "optimizer", "Iteration": "optimizer",
+    "Schedule": "schedule", "Watchdog": "watchdog", "Checkpointer": "checkpointer",
+    "UserError": "errors",
+    "Policy": "policies", "Selection": "policies", "POLICIES": "policies",
+    "build_policy": "policies",
+    "Graph": "topology", "generate": "topology", "load_topology": "topology",
+    "build_straggler": "stragglers",
+}
+__all__ = list(_EXPORTS)
 
-__all__ = ["init", "World", "DecentralizedOptimizer", "Iteration", "Schedule", "Watchdog",
-           "Checkpointer", "UserError", "Policy", "Selection", "POLICIES", "build_policy",
-           "Graph", "generate", "load_topology", "build_straggler"]
+
+def __getattr__(name):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'aau_mpi' has no attribute {name!r}")
+    import importlib
+    value = getattr(importlib.import_module(f"aau_mpi.{_EXPORTS[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)

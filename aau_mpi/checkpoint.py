@@ -34,7 +34,9 @@ from aau_mpi.errors import UserError
 RANK_FORMAT = "aau_mpi.checkpoint.rank"
 MANIFEST_FORMAT = "aau_mpi.checkpoint.manifest"
 MODEL_FORMAT = "aau_mpi.model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# Rank files of format 1 (aau_mpi 0.1) held the old trainer's state layout.
+OLDEST_RANK_FORMAT = 2
 MANIFEST = "manifest.h5"
 GENERATION_DIR = re.compile(r"gen-(\d+)")
 MODEL_META_KEYS = ("model", "model_params", "input_shape", "num_classes")
@@ -285,6 +287,10 @@ def open_h5(path, expected_format, hint):
             if version > FORMAT_VERSION:
                 raise UserError(f"{path} has format_version {version}, newer than this aau_mpi "
                                 f"reads ({FORMAT_VERSION}): upgrade aau_mpi")
+            if expected_format == RANK_FORMAT and version < OLDEST_RANK_FORMAT:
+                raise UserError(f"{path} was written by aau_mpi 0.1 (format_version {version}), "
+                                f"whose rank state this version does not read: resume it with "
+                                f"aau_mpi 0.1, or start a new run without --resume")
             yield file
     except FileNotFoundError:
         raise UserError(f"{path} is missing: {hint}") from None

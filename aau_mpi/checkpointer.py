@@ -135,8 +135,8 @@ class Checkpointer:
         else:
             self.generation += 1
         arrays = {"params": state.pop("parameters").cpu().numpy()}
-        info = encode({"state": state, "extra": self.extra_state() if self.extra_state
-                       else {}}, arrays)
+        extra = self.extra_state() if self.extra_state else {}
+        info = encode({**state, "extra": extra}, arrays)
         checkpoint.write_rank_state(self.root, self.generation, opt.rank, opt.size, arrays, info)
         everyone = opt.events.control.checkpointed(self.generation)
         if everyone >= self.generation > self.committed:
@@ -163,11 +163,11 @@ class Checkpointer:
         manifest = checkpoint.read_manifest(checkpoint.find_checkpoint(source))
         checkpoint.check_compatible(manifest, opt.size, self.meta)
         arrays, info = checkpoint.read_rank_state(manifest, opt.rank)
-        saved = decode(info, arrays)
-        state = {**saved["state"], "parameters": torch.from_numpy(arrays["params"])}
-        opt.load_state_dict(state)
+        state = decode(info, arrays)
+        extra = state.pop("extra")
+        opt.load_state_dict({**state, "parameters": torch.from_numpy(arrays["params"])})
         newest = max((number for number, _ in checkpoint.generations(self.root)),
                      default=manifest.generation)
         self.generation = self.committed = opt.comm.allreduce(newest, op=MPI.MAX)
         self._schedule_next()
-        return saved["extra"], manifest
+        return extra, manifest

@@ -13,20 +13,15 @@ from aau_mpi.errors import UserError
 
 
 def _show(value):
-    text = repr(value)
+    text = f"{value:.10g}" if isinstance(value, float) else repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _bounds(minimum, maximum, above, below):
-    parts = []
-    if minimum is not None:
-        parts.append(f">= {minimum:g}")
-    if above is not None:
-        parts.append(f"> {above:g}")
-    if maximum is not None:
-        parts.append(f"<= {maximum:g}")
-    if below is not None:
-        parts.append(f"< {below:g}")
+    def show(bound):
+        return str(bound) if isinstance(bound, int) else f"{bound:g}"
+    parts = [f"{sign} {show(bound)}" for sign, bound in
+             ((">=", minimum), (">", above), ("<=", maximum), ("<", below)) if bound is not None]
     return " and ".join(parts)
 
 
@@ -51,14 +46,14 @@ def number(field, value, minimum=None, maximum=None, *, above=None, below=None):
     return value
 
 
-def integer(field, value, minimum=None, maximum=None):
-    """An integer (an integral float counts) within the inclusive bounds."""
+def integer(field, value, minimum=None, maximum=None, *, above=None, below=None):
+    """An integer (an integral float counts) within the bounds."""
     ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
     if ok and not isinstance(value, numbers.Integral):
         ok = math.isfinite(value) and float(value).is_integer()
-    ok = ok and _in_range(int(value), minimum, maximum, None, None)
+    ok = ok and _in_range(int(value), minimum, maximum, above, below)
     if not ok:
-        bounds = _bounds(minimum, maximum, None, None)
+        bounds = _bounds(minimum, maximum, above, below)
         raise UserError(f"{field} must be an integer{' ' + bounds if bounds else ''}, "
                         f"got {_show(value)}")
     return int(value)

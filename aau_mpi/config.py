@@ -40,8 +40,11 @@ from pathlib import Path
 
 import yaml
 
+from aau_mpi import checks
 from aau_mpi.datasets import DATASETS, PARTITIONS
 from aau_mpi.depositor import OVERLAP_MODES
+from aau_mpi.watchdog import ACTIONS as WATCHDOG_ACTIONS
+from aau_mpi.world import DEVICES
 from aau_mpi.errors import UserError
 from aau_mpi.models import MODELS
 from aau_mpi.optim import SCHEDULES, LearningRate
@@ -50,8 +53,6 @@ from aau_mpi.registry import Registry, closest
 from aau_mpi.stragglers import STRAGGLERS
 from aau_mpi.topology import GENERATORS
 
-DEVICES = ("auto", "cpu", "cuda")
-WATCHDOG_ACTIONS = ("auto", "warn", "abort")
 
 
 # ------------------------------------------------------------------ schema
@@ -261,15 +262,16 @@ CONVERTERS = {
 @dataclass(frozen=True)
 class _Field:
     kind: str
-    check: tuple = None      # (predicate on the converted value, "> 0")
+    check: object = None     # bounds for aau_mpi.checks (a dict), or the allowed strings (a tuple)
     optional: bool = False   # None (null) allowed
 
 
-POSITIVE = (lambda v: v > 0, "> 0")
-NON_NEGATIVE = (lambda v: v >= 0, ">= 0")
-AT_LEAST_ONE = (lambda v: v >= 1, ">= 1")
-FRACTION = (lambda v: 0 <= v < 1, "in [0, 1)")
-UP_TO_ONE = (lambda v: 0 < v <= 1, "in (0, 1]")
+# Bounds in aau_mpi.checks' terms (the one set of value checks).
+POSITIVE = {"above": 0}
+NON_NEGATIVE = {"minimum": 0}
+AT_LEAST_ONE = {"minimum": 1}
+FRACTION = {"minimum": 0, "below": 1}
+UP_TO_ONE = {"above": 0, "maximum": 1}
 
 
 def _optional(kind, check):
@@ -277,8 +279,8 @@ def _optional(kind, check):
 
 
 TOP_FIELDS = {"name": _optional("str", None),
-              "seed": _Field("int", (lambda v: 0 <= v < 2 ** 32, "in [0, 2**32)")),
-              "device": _Field("str", (lambda v: v in DEVICES, f"one of {', '.join(DEVICES)}"))}
+              "seed": _Field("int", {"minimum": 0, "maximum": 2 ** 32 - 1}),
+              "device": _Field("str", DEVICES)}
 DATA_FIELDS = {"batch_size": _Field("int", AT_LEAST_ONE),
                "eval_batch_size": _Field("int", AT_LEAST_ONE)}
 OPTIM_FIELDS = {"lr": _Field("float", POSITIVE),
@@ -300,11 +302,9 @@ PLAIN_SECTIONS = {
                                       "every_iterations": _optional("int", AT_LEAST_ONE),
                                       "keep": _Field("int", AT_LEAST_ONE)}),
     "watchdog": (WatchdogConfig, {"seconds": _optional("float", POSITIVE),
-                                  "action": _Field("str", (lambda v: v in WATCHDOG_ACTIONS,
-                                                           f"one of {', '.join(WATCHDOG_ACTIONS)}"))}),
+                                  "action": _Field("str", WATCHDOG_ACTIONS)}),
     "mailbox": (MailboxConfig, {"checksum": _Field("bool"),
-                                "overlap": _Field("str", (lambda v: v in OVERLAP_MODES,
-                                                          f"one of {', '.join(OVERLAP_MODES)}"))}),
+                                "overlap": _Field("str", OVERLAP_MODES)}),
     "output": (OutputConfig, {"dir": _Field("path"),
                               "trace": _Field("bool"),
                               "progress": _Field("bool")}),
@@ -379,8 +379,14 @@ class _Reader:
         except (ValueError, OverflowError):
             wanted += " or null" if spec.optional else ""
             raise self.fail(path, f"{path} must be {wanted}, got {_show(value)}") from None
-        if spec.check and not spec.check[0](value):
-            raise self.fail(path, f"{path} must be {spec.check[1]}, got {_show(value)}")
+        try:
+            if isinstance(spec.check, tuple):
+                checks.choice(path, value, spec.check)
+            elif spec.check is not None:
+                check = checks.integer if spec.kind == "int" else checks.number
+                value = check(path, value, **spec.check)
+        except UserError as err:
+            raise self.fail(path, str(err)) from None
         return value
 
     def fields(self, raw, path, specs):

@@ -17,8 +17,8 @@ warm-up over the first `warmup` fraction of the budget.
 
 import bisect
 import math
-import numbers
 
+from aau_mpi import checks
 from aau_mpi.errors import UserError
 from aau_mpi.registry import Registry
 
@@ -26,22 +26,6 @@ SCHEDULES = Registry("lr schedule")
 # Warm-up starts at this fraction of the lr instead of 0, so that the very
 # first steps (at progress 0) still move the model.
 MIN_WARMUP_FACTOR = 1e-3
-
-
-def _is_number(value):
-    """A finite real number (bools and ints too large for a float are not)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        return False
-    try:
-        return math.isfinite(float(value))
-    except OverflowError:
-        return False
-
-
-def _number(field, value):
-    if not _is_number(value):
-        raise UserError(f"{field} must be a number, got {value!r}")
-    return float(value)
 
 
 @SCHEDULES.register("constant")
@@ -52,25 +36,21 @@ def constant():
 @SCHEDULES.register("step")
 def step(milestones=(0.5, 0.75), factor=0.1):
     field = "optim.schedule.milestones"
-    if not isinstance(milestones, (list, tuple)) or not all(map(_is_number, milestones)):
+    if not isinstance(milestones, (list, tuple)):
         raise UserError(f"{field} must be a list of fractions like [0.5, 0.75], "
                         f"got {milestones!r}")
-    points = [float(m) for m in milestones]
-    if not all(0 < p < 1 for p in points) or any(a >= b for a, b in zip(points, points[1:])):
+    points = [checks.number(field, m, above=0, below=1) for m in milestones]
+    if any(a >= b for a, b in zip(points, points[1:])):
         raise UserError(f"{field} must be increasing fractions in (0, 1), "
                         f"got {list(milestones)!r}")
-    factor = _number("optim.schedule.factor", factor)
-    if not 0 < factor <= 1:
-        raise UserError(f"optim.schedule.factor must be in (0, 1], got {factor:g}")
+    factor = checks.number("optim.schedule.factor", factor, above=0, maximum=1)
     # bisect_right: a milestone counts as passed from the moment progress reaches it.
     return lambda progress: factor ** bisect.bisect_right(points, progress)
 
 
 @SCHEDULES.register("cosine")
 def cosine(final=0.0):
-    final = _number("optim.schedule.final", final)
-    if not 0 <= final <= 1:
-        raise UserError(f"optim.schedule.final must be in [0, 1], got {final:g}")
+    final = checks.number("optim.schedule.final", final, 0, 1)
     return lambda progress: final + (1 - final) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
@@ -82,12 +62,8 @@ class LearningRate:
     """
 
     def __init__(self, lr, schedule="constant", params=None, warmup=0.0):
-        self.lr = _number("optim.lr", lr)
-        if self.lr <= 0:
-            raise UserError(f"optim.lr must be > 0, got {self.lr:g}")
-        self.warmup = _number("optim.warmup", warmup)
-        if not 0 <= self.warmup < 1:
-            raise UserError(f"optim.warmup must be in [0, 1), got {self.warmup:g}")
+        self.lr = checks.number("optim.lr", lr, above=0)
+        self.warmup = checks.number("optim.warmup", warmup, 0, below=1)
         self.schedule = schedule
         self.multiplier = SCHEDULES.build(schedule, params)
 

@@ -25,6 +25,7 @@ import time
 
 import numpy as np
 
+from aau_mpi import checks
 from aau_mpi.errors import UserError
 from aau_mpi.registry import Registry
 
@@ -35,43 +36,14 @@ DISTRIBUTIONS = ("exponential", "pareto")
 
 # ---------------------------------------------------------------- validation
 
-def _number(field, value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise UserError(f"stragglers.{field} must be a finite number, got {value!r}")
-    return float(value)
-
-
-def _integer(field, value):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise UserError(f"stragglers.{field} must be an integer, got {value!r}")
-    return int(value)
-
-
-def _at_least(field, value, low):
-    value = _number(field, value)
-    if value < low:
-        raise UserError(f"stragglers.{field} must be >= {low}, got {value:g}")
-    return value
-
-
-def _positive(field, value):
-    value = _number(field, value)
-    if value <= 0:
-        raise UserError(f"stragglers.{field} must be > 0, got {value:g}")
-    return value
-
-
-def _seed(value):
-    value = _integer("seed", value)
-    if value < 0:
-        raise UserError(f"stragglers.seed must be a non-negative integer, got {value}")
-    return value
+def _field(name):
+    return f"stragglers.{name}"
 
 
 def _ranks(value, world_size):
     if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
         raise UserError(f"stragglers.ranks must be a list of ranks, got {value!r}")
-    ranks = sorted({_integer("ranks", r) for r in value})
+    ranks = sorted({checks.integer(_field("ranks"), r) for r in value})
     bad = [r for r in ranks if not 0 <= r < world_size]
     if bad:
         raise UserError(f"stragglers.ranks {bad} out of range for world size {world_size}: "
@@ -175,31 +147,28 @@ def _none(rank, world_size):
 
 @STRAGGLERS.register("fixed")
 def _fixed(rank, world_size, ranks=(1,), slowdown=4.0):
-    return FixedStraggler(rank, _ranks(ranks, world_size), _at_least("slowdown", slowdown, 1))
+    return FixedStraggler(rank, _ranks(ranks, world_size),
+                          checks.number(_field("slowdown"), slowdown, 1))
 
 
 @STRAGGLERS.register("random")
 def _random(rank, world_size, probability=0.1, distribution="exponential", scale=0.01,
             shape=2.0, seed=0, ranks=None):
-    probability = _number("probability", probability)
-    if not 0 <= probability <= 1:
-        raise UserError(f"stragglers.probability must be in [0, 1], got {probability:g}")
-    if distribution not in DISTRIBUTIONS:
-        raise UserError(f"stragglers.distribution must be one of {', '.join(DISTRIBUTIONS)}, "
-                        f"got {distribution!r}")
-    return RandomStraggler(rank, probability, distribution, _at_least("scale", scale, 0),
-                           _positive("shape", shape), _seed(seed),
+    probability = checks.number(_field("probability"), probability, 0, 1)
+    checks.choice(_field("distribution"), distribution, DISTRIBUTIONS)
+    return RandomStraggler(rank, probability, distribution,
+                           checks.number(_field("scale"), scale, 0),
+                           checks.number(_field("shape"), shape, above=0),
+                           checks.integer(_field("seed"), seed, 0),
                            None if ranks is None else _ranks(ranks, world_size))
 
 
 @STRAGGLERS.register("shifting")
 def _shifting(rank, world_size, count=1, slowdown=4.0, period=10.0, seed=0):
-    count = _integer("count", count)
-    if not 0 <= count <= world_size:
-        raise UserError(f"stragglers.count must be between 0 and the world size {world_size}, "
-                        f"got {count}")
-    return ShiftingStraggler(rank, world_size, count, _at_least("slowdown", slowdown, 1),
-                             _positive("period", period), _seed(seed))
+    count = checks.integer(_field("count"), count, 0, world_size)
+    return ShiftingStraggler(rank, world_size, count, checks.number(_field("slowdown"), slowdown, 1),
+                             checks.number(_field("period"), period, above=0),
+                             checks.integer(_field("seed"), seed, 0))
 
 
 def build_straggler(name, rank, world_size, params=None):

@@ -54,6 +54,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from aau_mpi import checks
 from aau_mpi.errors import UserError
 from aau_mpi.registry import Registry, closest
 
@@ -247,10 +248,6 @@ def _undirected(n, pairs, name):
     return Graph(n, sorted(edges), directed=False, name=name)
 
 
-def _check_int(value, what, minimum):
-    if not _is_int(value) or value < minimum:
-        raise UserError(f"{what} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
 
 
 def _connected_draw(draw, name, advice):
@@ -273,7 +270,7 @@ def torus(n, rows=None):
     (a prime n gives 1 x n, which is a ring)."""
     if rows is None:
         rows = max(r for r in range(1, math.isqrt(n) + 1) if n % r == 0)
-    rows = _check_int(rows, "torus parameter rows", 1)
+    rows = checks.integer("torus parameter rows", rows, 1)
     if n % rows:
         raise UserError(f"torus with rows={rows} needs a world size divisible by {rows}, "
                         f"got {n}: change rows or leave it out to pick the most square grid")
@@ -290,8 +287,7 @@ def torus(n, rows=None):
 @GENERATORS.register("exponential")
 def exponential(n, directed=False):
     """Node i linked to i + 2^k mod n for k = 0..floor(log2(n-1))."""
-    if not isinstance(directed, bool):
-        raise UserError(f"exponential parameter directed must be true or false, got {directed!r}")
+    checks.boolean("exponential parameter directed", directed)
     hops = [2 ** k for k in range((n - 1).bit_length())]
     pairs = [(i, (i + hop) % n) for i in range(n) for hop in hops]
     if directed:
@@ -350,7 +346,7 @@ def complete(n):
 
 @GENERATORS.register("star")
 def star(n, hub=0):
-    hub = _check_int(hub, "star parameter hub", 0)
+    hub = checks.integer("star parameter hub", hub, 0)
     if hub >= n:
         raise UserError(f"star hub {hub} is not a rank of a {n}-rank job: "
                         f"choose a hub in 0..{n - 1}")
@@ -381,8 +377,8 @@ def _random_regular_edges(n, degree, rng):
 @GENERATORS.register("random_regular")
 def random_regular(n, degree=3, seed=0):
     """Uniform-ish random graph where every node has `degree` neighbours."""
-    degree = _check_int(degree, "random_regular parameter degree", 1)
-    seed = _check_int(seed, "random_regular parameter seed", 0)
+    degree = checks.integer("random_regular parameter degree", degree, 1)
+    seed = checks.integer("random_regular parameter seed", seed, 0)
     if degree >= n or (n * degree) % 2:
         raise UserError(f"random_regular needs degree < n and n*degree even, got n={n}, "
                         f"degree={degree}: pick another degree or world size")
@@ -399,9 +395,8 @@ def random_regular(n, degree=3, seed=0):
 @GENERATORS.register("erdos_renyi")
 def erdos_renyi(n, p=0.5, seed=0):
     """Each of the n(n-1)/2 possible edges present with probability p."""
-    if not isinstance(p, numbers.Real) or isinstance(p, bool) or not 0 < p <= 1:
-        raise UserError(f"erdos_renyi parameter p must be a probability in (0, 1], got {p!r}")
-    seed = _check_int(seed, "erdos_renyi parameter seed", 0)
+    p = checks.number("erdos_renyi parameter p", p, above=0, maximum=1)
+    seed = checks.integer("erdos_renyi parameter seed", seed, 0)
     rng = np.random.default_rng(seed)
     name = f"erdos_renyi(n={n}, p={p}, seed={seed})"
     rows, cols = np.triu_indices(n, 1)
@@ -415,7 +410,7 @@ def erdos_renyi(n, p=0.5, seed=0):
 
 def generate(name, n, params=None):
     """The graph from generator `name` for n ranks, params checked by name."""
-    return GENERATORS.build(name, params, _check_int(n, "the world size n", 1))
+    return GENERATORS.build(name, params, checks.integer("the world size n", n, 1))
 
 
 # ---- loading ---------------------------------------------------------------
@@ -479,8 +474,7 @@ def _graph_from_edge_list(spec, n, label):
         raise UserError(f"topology has {nodes} nodes but the job has {n} ranks: "
                         f"run with -n {nodes} or use a generator")
     directed = spec.get("directed", False)
-    if not isinstance(directed, bool):
-        raise UserError(f"topology 'directed' must be true or false, got {directed!r}")
+    checks.boolean("topology 'directed'", directed)
     edges = spec["edges"]
     if edges is None:
         edges = []
@@ -509,7 +503,7 @@ def load_topology(source, n):
     `source`: a YAML file path (str or Path), a parsed mapping (may be
     {file: path}), or a generator name such as "ring".
     """
-    n = _check_int(n, "the world size n", 1)
+    n = checks.integer("the world size n", n, 1)
     if isinstance(source, dict) and "file" in source:
         if len(source) > 1:
             others = ", ".join(sorted(k for k in source if k != "file"))

@@ -30,11 +30,10 @@ BIN = Path(sys.executable).parent
 MPIEXEC = BIN / "mpiexec"
 TORCHRUN = BIN / "torchrun"
 
-# What the Makefile exports: Open MPI as root, more ranks than cores, and only
-# the shared-memory / RDMA one-sided components. A user's own settings win.
-MPI_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
-           "PRTE_MCA_rmaps_default_mapping_policy": ":oversubscribe",
-           "OMPI_MCA_osc": "sm,rdma", "PYTHONUNBUFFERED": "1"}
+# scripts/mpi.env, what the Makefile exports: Open MPI as root, more ranks than
+# cores, the one-sided components. A user's own settings win.
+MPI_ENV = dict(line.split("=", 1) for line in (REPO / "scripts" / "mpi.env").read_text().splitlines()
+               if line and not line.startswith("#"))
 
 
 def launch(command, timeout=None):

@@ -15,9 +15,11 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 MPIEXEC = Path(sys.executable).with_name("mpiexec")
-ENV = {**os.environ, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
-       "PRTE_MCA_rmaps_default_mapping_policy": ":oversubscribe", "OMPI_MCA_osc": "sm,rdma",
-       "PYTHONUNBUFFERED": "1"}
+# scripts/mpi.env: Open MPI as root, more ranks than cores (what the Makefile exports).
+MPI_ENV = dict(line.split("=", 1) for line in
+               (REPO / "scripts" / "mpi.env").read_text().splitlines()
+               if line and not line.startswith("#"))
+ENV = {**os.environ, **MPI_ENV}
 # The tests pin a small MLP: quick, and stable under any load on the machine.
 MLP = "model={name: mlp, hidden: [64]}"
 QUICK = [MLP, "budget.epochs=4", "eval.every_epochs=1", "output.progress=false"]

@@ -9,7 +9,6 @@ on synthetic records.
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +20,7 @@ sys.path.insert(0, str(REPO / "bench"))
 
 import stragglers  # noqa: E402  (bench/ is not a package)
 from aau_mpi.topology import load_topology  # noqa: E402
+from launcher import ENV  # noqa: E402
 
 MPIEXEC = Path(sys.executable).with_name("mpiexec")
 needs_launchers = pytest.mark.skipif(
@@ -29,9 +29,6 @@ needs_launchers = pytest.mark.skipif(
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-ENV = {**os.environ, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
-       "PRTE_MCA_rmaps_default_mapping_policy": ":oversubscribe", "OMPI_MCA_osc": "sm,rdma",
-       "PYTHONUNBUFFERED": "1"}
 
 
 def run_bench(script, *args, launcher=(), timeout=240):

@@ -198,6 +198,14 @@ def test_sigkill_mid_write_leaves_previous_generation_loadable(tmp_path):
         commit_generation(tmp_path, 2, 2, CONFIG, META)
 
 
+def test_a_rank_file_of_the_old_format_is_refused_with_the_fix(tmp_path):
+    manifest = read_manifest(write_generation(tmp_path, 1))
+    with h5py.File(manifest.rank_path(0), "r+") as file:
+        file.attrs["format_version"] = 1  # as aau_mpi 0.1 wrote it
+    with pytest.raises(UserError, match="written by aau_mpi 0.1.*start a new run"):
+        read_rank_state(manifest, 0)
+
+
 def test_truncated_rank_file_is_a_user_error(tmp_path):
     write_generation(tmp_path, 1)
     manifest = read_manifest(write_generation(tmp_path, 2))

@@ -31,7 +31,7 @@ FULL = {
     "eval": {"every_seconds": 5.0, "max_samples": 2000, "target_accuracy": 0.9},
     "checkpoint": {"enabled": False, "every_iterations": 100, "keep": 3},
     "watchdog": {"seconds": 30.0, "action": "warn"},
-    "mailbox": {"checksum": True},
+    "mailbox": {"checksum": True, "overlap": "inline"},
     "output": {"dir": "out", "trace": True, "progress": False},
 }
 
@@ -194,20 +194,20 @@ def test_wrong_type_in_the_file_blames_the_file():
 
 
 @pytest.mark.parametrize("overrides, expected", [
-    (["optim.lr=-0.1"], "optim.lr must be > 0, got -0.1"),
-    (["optim.momentum=1"], "optim.momentum must be in [0, 1), got 1"),
-    (["optim.warmup=1.5"], "optim.warmup must be in [0, 1), got 1.5"),
-    (["optim.weight_decay=-1"], "optim.weight_decay must be >= 0, got -1"),
-    (["seed=-1"], "seed must be in [0, 2**32), got -1"),
+    (["optim.lr=-0.1"], "optim.lr must be a number > 0, got -0.1"),
+    (["optim.momentum=1"], "optim.momentum must be a number >= 0 and < 1, got 1"),
+    (["optim.warmup=1.5"], "optim.warmup must be a number >= 0 and < 1, got 1.5"),
+    (["optim.weight_decay=-1"], "optim.weight_decay must be a number >= 0, got -1"),
+    (["seed=-1"], "seed must be an integer >= 0 and <= 4294967295, got -1"),
     (["device=gpu"], "device must be one of auto, cpu, cuda, got 'gpu'"),
-    (["data.batch_size=0"], "data.batch_size must be >= 1, got 0"),
-    (["budget.epochs=0"], "budget.epochs must be > 0, got 0"),
-    (["eval.target_accuracy=1.5"], "eval.target_accuracy must be in (0, 1], got 1.5"),
-    (["checkpoint.keep=0"], "checkpoint.keep must be >= 1, got 0"),
+    (["data.batch_size=0"], "data.batch_size must be an integer >= 1, got 0"),
+    (["budget.epochs=0"], "budget.epochs must be a number > 0, got 0"),
+    (["eval.target_accuracy=1.5"], "eval.target_accuracy must be a number > 0 and <= 1, got 1.5"),
+    (["checkpoint.keep=0"], "checkpoint.keep must be an integer >= 1, got 0"),
     (["optim.schedule.name=step", "optim.schedule.factor=2"],
-     "optim.schedule.factor must be in (0, 1], got 2"),
+     "optim.schedule.factor must be a number > 0 and <= 1, got 2"),
     (["optim.schedule.name=cosine", "optim.schedule.final=1e1"],
-     "optim.schedule.final must be in [0, 1], got 10"),
+     "optim.schedule.final must be a number >= 0 and <= 1, got 10"),
     (["optim.momentum=0", "optim.nesterov=true"],
      "optim.nesterov needs optim.momentum > 0: set optim.momentum=0.9 or optim.nesterov=false"),
 ])

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
+from launcher import ENV as LAUNCH_ENV
+
 REPO = Path(__file__).resolve().parent.parent
 MPIEXEC = Path(sys.executable).with_name("mpiexec")
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
-ENV = {**{k: v for k, v in os.environ.items() if k not in THREAD_VARIABLES}, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
-       "PRTE_MCA_rmaps_default_mapping_policy": ":oversubscribe", "OMPI_MCA_osc": "sm,rdma",
-       "PYTHONUNBUFFERED": "1"}
+ENV = {k: v for k, v in LAUNCH_ENV.items() if k not in THREAD_VARIABLES}
 CHECKS = ["MPI", "ranks", "cores", "thread env", "one-sided", "passive progress", "deposit bandwidth", "devices"]
 
 pytestmark = pytest.mark.skipif(not MPIEXEC.exists(), reason=f"no mpiexec beside {sys.executable}")

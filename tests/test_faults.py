@@ -39,9 +39,8 @@ def committed(folder):
     return list(folder.glob("checkpoints/gen-*/manifest.h5"))
 
 
-def test_a_killed_rank_ends_the_job_and_resume_loses_at_most_one_interval(tmp_path):
-    interval = 1.0
-    job = start(4, *LONG, f"output.dir={tmp_path}", f"checkpoint.every_seconds={interval}")
+def test_a_killed_rank_ends_the_job_and_resume_continues_from_the_newest_checkpoint(tmp_path):
+    job = start(4, *LONG, f"output.dir={tmp_path}", "checkpoint.every_seconds=1")
     folder = tmp_path / "job"
     try:
         wait_for(lambda: len(committed(folder)) >= 1 and len(list(
@@ -57,18 +56,21 @@ def test_a_killed_rank_ends_the_job_and_resume_loses_at_most_one_interval(tmp_pa
     said = out + err
     assert "rank 2" in said or str(victim) in said, said[-2000:]
 
-    # Training time of the newest complete checkpoint against the last logged step.
+    # What a resume loses is what came after the newest complete generation:
+    # every rank goes on from exactly the iteration it saved there.
     manifest = checkpoint.read_manifest(checkpoint.find_checkpoint(folder))
-    saved = min(checkpoint.read_rank_state(manifest, r)[1]["training_seconds"] for r in range(4))
-    reached = max(read_lines_tolerant(folder / f"rank-{r:05d}.jsonl")[-1]["time"]
-                  for r in range(4))
-    lost = reached - saved
-    assert lost <= 2 * interval + 1.0, f"{lost:.1f} s of training lost"
+    saved = [checkpoint.read_rank_state(manifest, r)[1] for r in range(4)]
+    logged = [len(read_lines_tolerant(folder / f"rank-{r:05d}.jsonl")) for r in range(4)]
+    seconds = max(info["training_seconds"] for info in saved)
 
-    result = launch(4, "--resume", str(folder), "budget.epochs=null", "budget.seconds=" +
-                    str(round(reached + 1.0, 1)), timeout=120)
+    result = launch(4, "--resume", str(folder), "budget.epochs=null",
+                    f"budget.seconds={seconds + 1.0:.1f}", timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((folder / "summary.json").read_text())["exit"] == "finished"
+    for rank, info in enumerate(saved):
+        resumed = read_lines_tolerant(folder / f"rank-{rank:05d}.jsonl")[logged[rank]:]
+        assert resumed and resumed[0]["iteration"] == info["iteration"], \
+            f"rank {rank} resumed at {resumed[:1]}, saved at iteration {info['iteration']}"
 
 
 def read_lines_tolerant(path):
@@ -121,14 +123,16 @@ def test_the_watchdog_reports_a_stopped_neighbour_and_async_goes_on(tmp_path):
     assert reports, err[-3000:]
     assert any("rank 1 (seq" in line and "nothing new" in line and "going on without" in line
                for line in reports), reports
-    # The pause is the longest gap in rank 1's log; rank 3 trained through it.
+    # The pause is the longest gap in rank 1's log; its neighbours (ranks 0
+    # and 2 on the ring) went on without it, while it was stopped.
     times = [r["time"] for r in read_lines_tolerant(folder / "rank-00001.jsonl")]
     gap = int(np.argmax(np.diff(times)))
     start_pause, end_pause = times[gap], times[gap + 1]
-    assert end_pause - start_pause > 4
-    during = [r for r in read_lines_tolerant(folder / "rank-00003.jsonl")
-              if start_pause < r["time"] < end_pause]
-    assert len(during) >= 10, f"rank 3 did {len(during)} iterations while rank 1 was stopped"
+    for neighbour in (0, 2):
+        during = [r for r in read_lines_tolerant(folder / f"rank-{neighbour:05d}.jsonl")
+                  if start_pause < r["time"] < end_pause]
+        assert during, f"rank {neighbour} did not train while rank 1 was stopped"
+        assert any(1 not in r["averaged"] for r in during), "it mixed without rank 1"
 
 
 def test_the_watchdog_ends_a_synchronous_job_whose_neighbour_stopped(tmp_path):

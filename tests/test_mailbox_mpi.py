@@ -249,3 +249,46 @@ def test_disagreeing_graphs_fail_on_every_rank():
         outs = outs[:-1]  # rank 0 forgets one out-neighbour
     with pytest.raises(UserError, match="same topology"):
         Mailbox(comm, ins, outs, 10)
+
+
+@pytest.mark.mpi(min_size=2)
+def test_header_snapshots_under_racing_writers_are_whole():
+    """Contract 3 under the same race as the torn-read test: every header that
+    headers() returns comes from one deposit (seq, iteration and time agree).
+
+    What this cannot see: the Win.Sync calls around the reader's loads. On x86
+    (total store order, no reordering of loads with loads) deleting them changes
+    nothing observable here; they are the MPI rule for the unified model and
+    matter on weakly ordered CPUs (aarch64, POWER), which this machine is not.
+    A torn header needs a table copy to overlap one 64-byte Put, which the
+    unprotected writer too makes too rarely to test against."""
+    ins, outs = star_into_zero()
+    seq = [0]
+    with Mailbox(comm, ins, outs, 1 << 12, clock=lambda: 0.5 * seq[0]) as mailbox:
+        comm.Barrier()
+        if comm.rank == 0:
+            snapshots = 0
+            while snapshots < 20_000:
+                headers = mailbox.headers()[:, 0]
+                written = headers["seq"] > 0
+                assert (headers["iteration"][written] == 3 * headers["seq"][written]).all()
+                assert (headers["time"][written] == 0.5 * headers["seq"][written]).all()
+                snapshots += 1
+            mailbox.deposit(np.zeros(1 << 12, np.float32), iteration=0, done=True)
+            deposits = 0
+        else:
+            while not mailbox.headers()["done"].any():
+                seq[0] += 1
+                mailbox.deposit(np.full(1 << 12, seq[0], np.float32), iteration=3 * seq[0])
+            deposits = seq[0]
+        assert comm.allreduce(deposits) > 100, "the writers barely ran"
+
+
+@pytest.mark.mpi(min_size=2)
+def test_windows_are_in_the_unified_memory_model():
+    """The seqlock's reader loads its own window directly: the constructor refuses
+    a separate-model window; both MPIs used here give unified ones."""
+    others = [j for j in range(comm.size) if j != comm.rank]
+    with Mailbox(comm, others, others, 4) as mailbox:
+        assert mailbox.win.Get_attr(MPI.WIN_MODEL) == MPI.WIN_UNIFIED
+        comm.Barrier()

@@ -249,3 +249,77 @@ def test_async_one_resumes_its_random_choices():
     resumed.load_state_dict(policy.state_dict())
     assert [policy.select(headers, k, 0.0).slots for k in range(10)] == \
         [resumed.select(headers, k, 0.0).slots for k in range(10)]
+
+
+# ---- liveness, clocks, time-varying graphs (review findings 1 and 3) ---------
+
+@pytest.mark.parametrize("name", ["async", "async_one"])
+def test_wait_free_policies_stop_mixing_finished_and_stalled_neighbours(name):
+    """A finished rank's last model, or a stalled one's, must not keep its weight for ever."""
+    policy = build_policy(name, STAR, 0)
+    headers = snapshot(STAR, 0)
+    for j in range(4):
+        deposit(headers, j, time=0.0)
+    headers["done"][1, 0] = 1                      # rank 2 finished
+    policy.skip([2], headers)                      # rank 3 stalled (the watchdog said so)
+    mixed = {j for k in range(40) for j, _ in policy.select(headers, k, now=1.0).slots}
+    assert mixed == {0, 3}, "only the live neighbours are mixed"
+    deposit(headers, 2, time=2.0)                  # the stalled one deposits again: live again
+    mixed = {j for k in range(40) for j, _ in policy.select(headers, k, now=2.0).slots}
+    assert mixed == {0, 2, 3}
+
+
+def test_intervals_are_per_iteration_of_the_sender_and_from_its_own_times():
+    """A sender that deposits here every 3rd of its iterations (a time-varying graph)
+    has the same seconds per iteration as one that deposits every iteration."""
+    every, third = build_policy("aau", RING, 0), build_policy("aau", RING, 0)
+    a, b = snapshot(RING, 0), snapshot(RING, 0)
+    for n in range(1, 5):
+        deposit(a, 0, time=0.1 * n, iteration=n, seen_by=every)
+        deposit(b, 0, time=0.3 * n, iteration=3 * n, seen_by=third)
+    assert every.interval[0] == pytest.approx(0.1) and third.interval[0] == pytest.approx(0.1)
+
+
+ONE_PEER = generate("exponential_one_peer", 8)   # period 3: hops 1, 2, 4
+
+
+def test_dpsgd_on_the_one_peer_graph_waits_for_the_one_active_neighbour():
+    dpsgd = build_policy("dpsgd", ONE_PEER, 0)
+    assert ONE_PEER.in_neighbours(0) == [4, 6, 7] and dpsgd.slots_per_neighbour == 2
+    headers = empty_headers(3, 2, 8)
+    for k, sender in ((0, 7), (1, 6), (2, 4), (3, 7)):
+        assert ONE_PEER.active_in(0, k) == [sender]
+        j = ONE_PEER.in_neighbours(0).index(sender)
+        slot = dpsgd.deposit_slot(k)
+        assert slot == (k // 3) % 2
+        assert dpsgd.select(headers, k, now=0.0) is None
+        deposit(headers, j, time=0.0, iteration=k, slot=slot)
+        selection = dpsgd.select(headers, k, now=0.0)
+        assert selection.slots == [(j, slot)] and selection.weights == [0.5]
+        assert selection.self_weight == 0.5
+        use(dpsgd, headers, selection, k)
+
+
+def test_aau_staleness_bound_counts_rounds_of_a_time_varying_graph():
+    """On the one-peer graph each neighbour deposits here once per period (3
+    iterations), so tau rounds are 3 tau iterations: a neighbour is only waited
+    for once it has been unused that long."""
+    aau = build_policy("aau", ONE_PEER, 0, {"tau": 2})
+    headers = empty_headers(3, 1, 8)
+    deposit(headers, 0, time=0.0)
+    for k in range(6):  # only neighbour 0 (rank 4) ever deposits
+        deposit(headers, 0, time=0.1 * (k + 1))
+        selection = aau.select(headers, k, now=0.1 * (k + 1))
+        assert selection is not None, f"iteration {k}: nobody unused for 2 rounds (6 its) yet"
+        use(aau, headers, selection, k)
+    deposit(headers, 0, time=1.0)
+    assert aau.select(headers, 6, now=1.0) is None, "ranks 6 and 7 unused for 2 rounds"
+
+
+def test_fixed_k_is_capped_at_the_neighbours_active_per_iteration():
+    """Two fresh deposits per iteration never come on the one-peer graph (one
+    arrives per iteration on average): waiting for them would slow every rank
+    down without end (seen: a 50x straggler test that never finished)."""
+    policy = build_policy("fixed_k", ONE_PEER, 0, {"k": 2})
+    assert policy.k == 1
+    assert build_policy("fixed_k", STAR, 0, {"k": 2}).k == 2

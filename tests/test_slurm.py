@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from launcher import ENV
+
 REPO = Path(__file__).resolve().parent.parent
 CLUSTER = REPO / "scripts" / "slurm-cluster.sh"
 QUICK = ["model={name: mlp, hidden: [64]}", "output.progress=false", "eval.every_epochs=1"]
@@ -40,11 +42,8 @@ def slurm(tmp_path_factory):
     """The environment in which sbatch reaches a fresh cluster, and jobs find
     the venv's python and mpirun and the Open MPI settings."""
     folder = tmp_path_factory.mktemp("slurm")
-    env = {**os.environ, "SLURM_CLUSTER_DIR": str(folder / "cluster"),
-           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-           "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
-           "PRTE_MCA_rmaps_default_mapping_policy": ":oversubscribe",
-           "OMPI_MCA_osc": "sm,rdma", "PYTHONUNBUFFERED": "1"}
+    env = {**ENV, "SLURM_CLUSTER_DIR": str(folder / "cluster"),
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     started = subprocess.run([str(CLUSTER), "start"], env=env, capture_output=True, text=True,
                              timeout=120)
     assert started.returncode == 0, started.stderr

@@ -27,6 +27,7 @@ GENERATOR_CASES = [
     ("random_regular", {"degree": 3}, [4, 8, 16]),
     ("random_regular", {"degree": 2}, [3, 4, 8, 16]),
     ("erdos_renyi", {"p": 0.3}, [1, 2, 3, 4, 8, 16]),
+    ("exponential_one_peer", {}, [1, 2, 3, 4, 6, 8, 16, 64]),
 ]
 GENERATED = [pytest.param(name, params, n, id=f"{name}{params or ''}-n{n}")
              for name, params, sizes in GENERATOR_CASES for n in sizes]
@@ -176,7 +177,8 @@ def test_connectivity_is_strong_for_directed_graphs():
 
 # ---- mixing matrices -------------------------------------------------------
 
-UNDIRECTED = [p for p in GENERATED if not p.values[1].get("directed")]
+UNDIRECTED = [p for p in GENERATED if not p.values[1].get("directed")
+              and p.values[0] != "exponential_one_peer"]
 
 
 @pytest.mark.parametrize("name, params, n", UNDIRECTED)
@@ -190,7 +192,11 @@ def test_metropolis_is_symmetric_doubly_stochastic(name, params, n):
     assert 0 < graph.spectral_gap("metropolis") <= 1
 
 
-@pytest.mark.parametrize("name, params, n", GENERATED)
+# Static graphs; the time-varying one's weights change with k (tested below).
+STATIC = [case for case in GENERATED if case.values[0] != "exponential_one_peer"]
+
+
+@pytest.mark.parametrize("name, params, n", STATIC)
 def test_uniform_is_row_stochastic_over_in_neighbours(name, params, n):
     graph = generate(name, n, params)
     weights = graph.mixing_matrix("uniform")
@@ -293,7 +299,7 @@ INVALID_SPECS = [
     ({"generator": "ring", "params": {"size": 3}}, ["it takes: no parameters"]),
     ({"generator": "random_regular", "params": {"degree": "three"}},
      ["random_regular parameter degree must be an integer"]),
-    ({"generator": "erdos_renyi", "params": {"p": 1.5}}, ["p must be a probability"]),
+    ({"generator": "erdos_renyi", "params": {"p": 1.5}}, ["erdos_renyi parameter p must be a number > 0 and <= 1"]),
     ({"generator": "exponential", "params": {"directed": "yes"}},
      ["directed must be true or false"]),
     ({"generator": "ring", "params": [1]}, ["params must be a mapping"]),
@@ -454,3 +460,44 @@ def test_module_runs_as_script_without_mpi_or_torch():
                             cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 2
     assert result.stderr.startswith("error: topology file not found")
+
+
+# ---- time-varying graphs ------------------------------------------------------
+
+@pytest.mark.parametrize("n", [2, 5, 8, 64])
+def test_one_peer_graph_sends_one_copy_per_iteration_and_its_union_is_the_exponential_graph(n):
+    graph = generate("exponential_one_peer", n)
+    hops = [2 ** h for h in range((n - 1).bit_length())]
+    assert graph.period == len(hops) and graph.directed
+    for k in range(2 * graph.period):
+        targets = [graph.active_out(i, k)[0] for i in range(n)]
+        assert sorted(targets) == list(range(n)), "each k's edges form a permutation"
+        for i in range(n):
+            assert graph.active_out(i, k) == [(i + hops[k % len(hops)]) % n]
+            assert i in graph.active_in(graph.active_out(i, k)[0], k), "in matches out"
+            self_weight, row = graph.mixing_row(i, k)
+            assert self_weight == 0.5 and list(row.values()) == [0.5]
+    assert graph.edges == generate("exponential", n, {"directed": True}).edges
+    assert graph.edge_round(graph.period * 4 - 1) == 3
+
+
+def test_one_peer_graph_averages_exactly_over_a_period_for_powers_of_two():
+    graph = generate("exponential_one_peer", 16)
+    product = np.eye(16)
+    for k in range(graph.period):
+        w = np.zeros((16, 16))
+        for i in range(16):
+            w[i, i], row = graph.mixing_row(i, k)
+            for j, weight in row.items():
+                w[i, j] = weight
+        product = w @ product
+    assert np.allclose(product, 1 / 16)
+
+
+def test_mixing_row_needs_no_dense_matrix_and_matches_it():
+    graph = generate("random_regular", 12, {"degree": 3, "seed": 2})
+    dense = graph.mixing_matrix("metropolis")
+    for i in range(12):
+        self_weight, row = graph.mixing_row(i)
+        assert self_weight == pytest.approx(dense[i, i])
+        assert all(dense[i, j] == pytest.approx(w) for j, w in row.items())

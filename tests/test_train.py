@@ -29,7 +29,8 @@ pytestmark = launcher_required()
 def finished_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
     result = launch(4, "--config", "jobs/demo.yaml", f"output.dir={out}", "name=demo",
-                    "output.trace=true", "eval.target_accuracy=0.5", *QUICK)
+                    "output.trace=true", "eval.target_accuracy=0.5",
+                    "checkpoint.every_iterations=40", "checkpoint.keep=50", *QUICK)
     assert result.returncode == 0, result.stderr[-3000:]
     return out / "demo", result
 
@@ -121,6 +122,25 @@ def test_a_preempted_run_checkpoints_exits_75_and_resumes(tmp_path, policy, how)
     assert numbers[:evaluations] == list(range(1, evaluations + 1))
     assert numbers == sorted(set(numbers)), "evaluations continue their numbering"
     assert summary["accuracy"] > 0.8
+
+
+def test_resuming_an_older_generation_never_overwrites_newer_ones(finished_run, tmp_path):
+    """Review finding 6: resuming from gen 2 while later generations exist numbers
+    the new ones after the largest present, and leaves the others byte for byte."""
+    folder, _ = finished_run
+    copy = tmp_path / "copy"
+    subprocess.run(["cp", "-r", str(folder), str(copy)], check=True)
+    generations = sorted((copy / "checkpoints").glob("gen-*"))
+    assert len(generations) >= 3, [g.name for g in generations]
+    before = {path: path.read_bytes() for path in (copy / "checkpoints").rglob("*.h5")}
+    newest = int(generations[-1].name[4:])
+    result = launch(4, "--resume", str(generations[1]), "budget.epochs=null",
+                    "budget.samples=8000", "checkpoint.every_iterations=null", timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for path, data in before.items():
+        assert path.read_bytes() == data, f"{path} was overwritten"
+    resumed = checkpoint.read_manifest(checkpoint.find_checkpoint(copy))
+    assert resumed.generation == newest + 1, "the final generation follows the largest one"
 
 
 def test_resume_refuses_another_world_size_or_model(finished_run):
