@@ -24,6 +24,13 @@ def require_image_shape(model, input_shape, min_size):
     return input_shape
 
 
+def require_sequence_shape(model, input_shape, min_length):
+    if len(input_shape) != 2 or input_shape[1] < min_length:
+        raise UserError(f"{model} needs sequence input (channels, length) with length >= "
+                        f"{min_length}, got {input_shape}: use logreg or mlp for this data")
+    return input_shape
+
+
 @MODELS.register("logreg")
 def logreg(input_shape, num_classes):
     """Multinomial logistic regression: one linear layer on the flattened input."""
@@ -58,6 +65,33 @@ def lenet(input_shape, num_classes):
         nn.Linear(16 * (height // 4) * (width // 4), 120), nn.ReLU(),
         nn.Linear(120, 84), nn.ReLU(),
         nn.Linear(84, num_classes))
+
+
+def conv_output_length(length, kernel, stride, padding):
+    return (length + 2 * padding - kernel) // stride + 1
+
+
+# (kernel, stride, padding) of the three convolutions of MNIST-1D's ConvBase.
+CNN1D_CONVS = ((5, 2, 1), (3, 2, 1), (3, 2, 1))
+
+
+@MODELS.register("cnn1d")
+def cnn1d(input_shape, num_classes, channels=25):
+    """MNIST-1D's CNN (ConvBase in the mnist1d repository): three strided ReLU Conv1d, one linear.
+
+    On length 40 the convolutions leave 19, 10, then 5 positions: a 25 * 5 -> classes
+    linear layer and 5,210 parameters in all for 10 classes.
+    """
+    if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
+        raise UserError(f"cnn1d channels must be a positive integer (got {channels!r}): "
+                        f"e.g. channels: 25")
+    in_channels, length = require_sequence_shape("cnn1d", input_shape, 3)
+    layers = []
+    for kernel, stride, padding in CNN1D_CONVS:
+        layers += [nn.Conv1d(in_channels, channels, kernel, stride, padding), nn.ReLU()]
+        in_channels, length = channels, conv_output_length(length, kernel, stride, padding)
+    layers += [nn.Flatten(), nn.Linear(channels * length, num_classes)]
+    return nn.Sequential(*layers)
 
 
 NORM_LAYERS = {
