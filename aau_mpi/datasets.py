@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from aau_mpi.checkpoint import atomic_h5, one_line
+from aau_mpi import checks
 from aau_mpi.errors import UserError
 from aau_mpi.registry import Registry
 
@@ -57,28 +58,8 @@ def load_dataset(name, params=None):
 
 # ---------------------------------------------------------------- validation
 
-def require_int(name, value, minimum):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise UserError(f"{name} must be an integer >= {minimum} (got {value!r}): "
-                        f"set {name} to an integer >= {minimum}")
-    return int(value)
-
-
-def require_number(name, value, minimum, *, inclusive=True):
-    ok = (isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
-          and math.isfinite(value) and (value >= minimum if inclusive else value > minimum))
-    if not ok:
-        bound = f"{'>=' if inclusive else '>'} {minimum:g}"
-        raise UserError(f"{name} must be a number {bound} (got {value!r}): "
-                        f"set {name} to a number {bound}")
-    return float(value)
-
-
 def require_fraction(name, value):
-    if require_number(name, value, 0.0, inclusive=False) >= 1.0:
-        raise UserError(f"{name} must be strictly between 0 and 1 (got {value!r}): "
-                        f"set {name} to e.g. 0.2")
-    return float(value)
+    return checks.number(name, value, above=0, below=1)
 
 
 def split_train_test(labels, test_fraction, seed):
@@ -115,11 +96,11 @@ def load_synthetic(*, samples=6000, features=32, classes=10, separation=4.0,
     between two class means is `separation`; the noise has standard deviation
     `noise` per feature. Lower separation (or higher noise) = harder.
     """
-    samples = require_int("samples", samples, 2)
-    features = require_int("features", features, 1)
-    classes = require_int("classes", classes, 2)
-    separation = require_number("separation", separation, 0.0)
-    noise = require_number("noise", noise, 0.0)
+    samples = checks.integer("samples", samples, 2)
+    features = checks.integer("features", features, 1)
+    classes = checks.integer("classes", classes, 2)
+    separation = checks.number("separation", separation, 0)
+    noise = checks.number("noise", noise, 0)
     test_fraction = require_fraction("test_fraction", test_fraction)
     rng = np.random.default_rng(seed)
     means = rng.standard_normal((classes, features))
@@ -334,9 +315,9 @@ def load_mnist1d(*, num_samples=5000, test_fraction=0.2, seed=0, cache=None):
     the arrays there (mnist1d-<hash>.h5) and later loads read that file
     without importing mnist1d. See docs/datasets.md.
     """
-    num_samples = require_int("num_samples", num_samples, 10)
+    num_samples = checks.integer("num_samples", num_samples, 10)
     test_fraction = require_fraction("test_fraction", test_fraction)
-    seed = require_int("seed", seed, 0)
+    seed = checks.integer("seed", seed, 0)
     if seed >= 2**32:  # the package seeds numpy's legacy generator
         raise UserError(f"seed must be below 2**32 for mnist1d (got {seed}): set a smaller seed")
     if cache is None:
@@ -438,7 +419,7 @@ def partition(labels, num_parts, scheme="iid", *, seed=0, **params):
     if labels.ndim != 1:
         raise UserError(f"partition needs a 1-D label array, got shape {labels.shape}: "
                         f"pass the training labels")
-    num_parts = require_int("num_parts", num_parts, 1)
+    num_parts = checks.integer("num_parts", num_parts, 1)
     if len(labels) < num_parts:
         raise UserError(f"cannot split {len(labels)} samples into {num_parts} non-empty "
                         f"parts: use fewer ranks or a larger dataset")
@@ -454,7 +435,7 @@ def partition_iid(labels, num_parts, rng):
 
 @PARTITIONS.register("dirichlet")
 def partition_dirichlet(labels, num_parts, rng, alpha=0.5):
-    alpha = require_number("alpha", alpha, 0.0, inclusive=False)
+    alpha = checks.number("alpha", alpha, above=0)
     parts = [[] for _ in range(num_parts)]
     for label in np.unique(labels):
         members = rng.permutation(np.flatnonzero(labels == label))
@@ -472,7 +453,7 @@ def partition_dirichlet(labels, num_parts, rng, alpha=0.5):
 
 @PARTITIONS.register("shards")
 def partition_shards(labels, num_parts, rng, classes_per_part=2):
-    classes_per_part = require_int("classes_per_part", classes_per_part, 1)
+    classes_per_part = checks.integer("classes_per_part", classes_per_part, 1)
     num_shards = num_parts * classes_per_part
     if len(labels) < num_shards:
         raise UserError(f"cannot cut {len(labels)} samples into {num_shards} shards "
@@ -503,7 +484,7 @@ class ShardLoader:
                             f"give every rank a non-empty part")
         self.x, self.y = x, y
         self.size = len(x)
-        self.batch_size = require_int("batch_size", batch_size, 1)
+        self.batch_size = checks.integer("batch_size", batch_size, 1)
         self.seed = int(seed)
         self.epoch, self.offset = 0, 0
         self._order, self._order_epoch = None, None

@@ -5,6 +5,7 @@ import math
 from torch import nn
 from torch.nn import functional as F
 
+from aau_mpi import checks
 from aau_mpi.errors import UserError
 from aau_mpi.registry import Registry
 
@@ -82,9 +83,7 @@ def cnn1d(input_shape, num_classes, channels=25):
     On length 40 the convolutions leave 19, 10, then 5 positions: a 25 * 5 -> classes
     linear layer and 5,210 parameters in all for 10 classes.
     """
-    if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
-        raise UserError(f"cnn1d channels must be a positive integer (got {channels!r}): "
-                        f"e.g. channels: 25")
+    channels = checks.integer("cnn1d channels", channels, 1)
     in_channels, length = require_sequence_shape("cnn1d", input_shape, 3)
     layers = []
     for kernel, stride, padding in CNN1D_CONVS:

@@ -62,7 +62,7 @@ def test_cnn1d_is_mnist1d_convbase():
     ("cnn1d", (40,), {}, r"cnn1d needs sequence input \(channels, length\)"),
     ("cnn1d", (1, 8, 8), {}, "cnn1d needs sequence input"),
     ("cnn1d", (1, 2), {}, "length >= 3"),
-    ("cnn1d", (1, 40), {"channels": 0}, "channels must be a positive integer"),
+    ("cnn1d", (1, 40), {"channels": 0}, "cnn1d channels must be an integer >= 1"),
 ])
 def test_bad_model_name_or_params(name, input_shape, params, expected):
     with pytest.raises(UserError, match=expected):
