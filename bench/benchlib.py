@@ -36,10 +36,14 @@ MPI_ENV = dict(line.split("=", 1) for line in (REPO / "scripts" / "mpi.env").rea
                if line and not line.startswith("#"))
 
 
-def launch(command, timeout=None):
-    """Run a job (its output goes to ours); a failure ends the benchmark."""
-    env = {**MPI_ENV, **os.environ, "PYTHONPATH": os.pathsep.join(
-        filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+def launch(command, timeout=None, env=None):
+    """Run a job (its output goes to ours); a failure ends the benchmark.
+
+    `env` (default ours) gets the MPI settings under it and the repository on
+    PYTHONPATH after whatever it puts there."""
+    env = env or os.environ
+    env = {**MPI_ENV, **env, "PYTHONPATH": os.pathsep.join(
+        filter(None, [env.get("PYTHONPATH"), str(REPO)]))}
     print("+ " + " ".join(map(str, command)), flush=True)
     result = subprocess.run([str(c) for c in command], cwd=REPO, env=env, timeout=timeout)
     if result.returncode != 0:
