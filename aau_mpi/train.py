@@ -21,7 +21,6 @@ import math
 import os
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -33,13 +32,12 @@ from aau_mpi import checkpoint
 from aau_mpi.checkpointer import Checkpointer
 from aau_mpi.config import config_from_dict, load_config
 from aau_mpi.datasets import load_dataset, partition, shard_loader
-from aau_mpi.errors import UserError
+from aau_mpi.errors import UserError, section
 from aau_mpi.evaluation import evaluate_job, loss_and_correct
 from aau_mpi.models import build_model
 from aau_mpi.optimizer import DecentralizedOptimizer
 from aau_mpi.policies import build_policy
 from aau_mpi.runlog import Progress, RankLog, append_json_line, summary_table, write_json
-from aau_mpi.schedule import Schedule
 from aau_mpi.stragglers import build_straggler
 from aau_mpi.topology import load_topology
 from aau_mpi.watchdog import Watchdog
@@ -48,16 +46,6 @@ from aau_mpi.world import init, install_abort_hook
 EXIT_PREEMPTED = 75          # EX_TEMPFAIL: "try again", what a requeue script looks for
 PAGE_BYTES = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 MEMORY_EVERY = 16            # iterations between resident-memory samples (7 us each)
-
-
-@contextmanager
-def section(name):
-    """Prefix a component's UserError with its config section, unless it names it."""
-    try:
-        yield
-    except UserError as err:
-        message = str(err)
-        raise UserError(message if message.startswith(name) else f"{name}: {message}") from None
 
 
 def resident_megabytes():
@@ -134,14 +122,7 @@ class Trainer:
         sgd = torch.optim.SGD(self.model.parameters(), lr=optim.lr, momentum=optim.momentum,
                               weight_decay=optim.weight_decay, nesterov=optim.nesterov)
 
-        budget, every = config.budget, config.eval
-        self.schedule = Schedule(
-            sample_budget=budget.samples or (round(budget.epochs * self.train_size)
-                                             if budget.epochs else None),
-            time_budget=budget.seconds,
-            eval_samples=round(every.every_epochs * self.train_size) if every.every_epochs
-            else None,
-            eval_seconds=every.every_seconds)
+        self.schedule = config.schedule(self.train_size)
         self.folder = self._run_folder(config_path, manifest)
         self.log = RankLog(self.folder, self.rank, trace=config.output.trace)
         self.checkpoints = Checkpointer(
