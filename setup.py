@@ -13,6 +13,7 @@ RUNTIME = [
     "mpi4py>=4.0",
     "h5py>=3.8",
     "pyyaml>=6.0",
+    "mnist1d>=0.0.2",  # data.name mnist1d; pulls in scipy, matplotlib and requests
 ]
 
 setup(

@@ -190,6 +190,16 @@ class Config:
     def to_yaml(self):
         return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
 
+    def dataset_params(self, folder):
+        """The dataset's parameters for a run in `folder`: a generated dataset (one that
+        takes a `cache` folder, as mnist1d does) is made from the job's seed into
+        folder/data unless the config sets them."""
+        params = dict(self.data.params)
+        if "cache" in DATASETS.params(self.data.name):
+            params.setdefault("seed", self.seed)
+            params.setdefault("cache", str(Path(folder) / "data"))
+        return params
+
     def schedule(self, train_size):
         """The stop and evaluation points for a training set of `train_size` samples."""
         budget, every = self.budget, self.eval

@@ -3,13 +3,19 @@
 Every rank loads the whole dataset, computes the same partition (it depends
 only on the labels and the seed, never on the rank) and trains on its own part
 through a ShardLoader. Nothing is ever downloaded: loaders read files that are
-already on disk and say where to get them when they are missing.
+already on disk (or generate the data, as for mnist1d) and say where to get
+them when they are missing.
 """
 
 import gzip
+import hashlib
+import importlib.metadata
 import importlib.resources
+import json
 import math
+import os
 import pickle
+import random
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +24,8 @@ import h5py
 import numpy as np
 import torch
 
+from aau_mpi.checkpoint import atomic_h5, one_line
+from aau_mpi import checks
 from aau_mpi.errors import UserError
 from aau_mpi.registry import Registry
 
@@ -26,6 +34,8 @@ PARTITIONS = Registry("partition scheme")
 
 MNIST_URL = "http://yann.lecun.com/exdb/mnist/"
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar.html"
+MNIST1D_MISSING = "data.name mnist1d needs the mnist1d package: pip install mnist1d"
+MNIST1D_CACHE_FORMAT = "aau_mpi.mnist1d"
 
 
 @dataclass
@@ -48,28 +58,8 @@ def load_dataset(name, params=None):
 
 # ---------------------------------------------------------------- validation
 
-def require_int(name, value, minimum):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise UserError(f"{name} must be an integer >= {minimum} (got {value!r}): "
-                        f"set {name} to an integer >= {minimum}")
-    return int(value)
-
-
-def require_number(name, value, minimum, *, inclusive=True):
-    ok = (isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
-          and math.isfinite(value) and (value >= minimum if inclusive else value > minimum))
-    if not ok:
-        bound = f"{'>=' if inclusive else '>'} {minimum:g}"
-        raise UserError(f"{name} must be a number {bound} (got {value!r}): "
-                        f"set {name} to a number {bound}")
-    return float(value)
-
-
 def require_fraction(name, value):
-    if require_number(name, value, 0.0, inclusive=False) >= 1.0:
-        raise UserError(f"{name} must be strictly between 0 and 1 (got {value!r}): "
-                        f"set {name} to e.g. 0.2")
-    return float(value)
+    return checks.number(name, value, above=0, below=1)
 
 
 def split_train_test(labels, test_fraction, seed):
@@ -106,11 +96,11 @@ def load_synthetic(*, samples=6000, features=32, classes=10, separation=4.0,
     between two class means is `separation`; the noise has standard deviation
     `noise` per feature. Lower separation (or higher noise) = harder.
     """
-    samples = require_int("samples", samples, 2)
-    features = require_int("features", features, 1)
-    classes = require_int("classes", classes, 2)
-    separation = require_number("separation", separation, 0.0)
-    noise = require_number("noise", noise, 0.0)
+    samples = checks.integer("samples", samples, 2)
+    features = checks.integer("features", features, 1)
+    classes = checks.integer("classes", classes, 2)
+    separation = checks.number("separation", separation, 0)
+    noise = checks.number("noise", noise, 0)
     test_fraction = require_fraction("test_fraction", test_fraction)
     rng = np.random.default_rng(seed)
     means = rng.standard_normal((classes, features))
@@ -314,6 +304,102 @@ def load_hdf5(*, path, test_fraction=0.2, seed=0):
     return dataset_from_arrays("hdf5", x, y, train, test, y.max() + 1)
 
 
+@DATASETS.register("mnist1d")
+def load_mnist1d(*, num_samples=5000, test_fraction=0.2, seed=0, cache=None):
+    """MNIST-1D (Greydanus & Kobak, ICML 2024), generated offline: shape (N, 1, 40), 10 classes.
+
+    mnist1d.data.make_dataset with the package's default arguments except
+    num_samples and seed; it makes num_samples // 10 samples per class, and
+    the last test_fraction of its shuffled samples is the test set (its
+    train_split = 1 - test_fraction). `cache`: a folder; the first load stores
+    the arrays there (mnist1d-<hash>.h5) and later loads read that file
+    without importing mnist1d. See docs/datasets.md.
+    """
+    num_samples = checks.integer("num_samples", num_samples, 10)
+    test_fraction = require_fraction("test_fraction", test_fraction)
+    seed = checks.integer("seed", seed, 0)
+    if seed >= 2**32:  # the package seeds numpy's legacy generator
+        raise UserError(f"seed must be below 2**32 for mnist1d (got {seed}): set a smaller seed")
+    if cache is None:
+        x, y = generate_mnist1d(num_samples, seed)
+    elif isinstance(cache, (str, os.PathLike)):
+        x, y = cached_mnist1d(absolute(cache), num_samples, seed)
+    else:
+        raise UserError(f"cache must be a folder path (got {cache!r}): set cache to a folder "
+                        f"such as /scratch/mnist1d-cache, or leave it unset")
+    split = int(len(y) * (1 - test_fraction))  # the package's train/test rule
+    if split == 0 or split == len(y):
+        raise UserError(f"test_fraction={test_fraction} leaves an empty train or test set for "
+                        f"{len(y)} samples: choose a test_fraction nearer 0.2 or more num_samples")
+    return dataset_from_arrays("mnist1d", x, y, np.arange(split), np.arange(split, len(y)), 10)
+
+
+def mnist1d_version():
+    # From the installed metadata: cheap, and it imports nothing.
+    try:
+        return importlib.metadata.version("mnist1d")
+    except importlib.metadata.PackageNotFoundError:
+        raise UserError(MNIST1D_MISSING) from None
+
+
+def generate_mnist1d(num_samples, seed):
+    """(float32 x (N, 1, 40), int64 y) from mnist1d's make_dataset, train and test in its order."""
+    try:
+        # Imported here only: it pulls in matplotlib, scipy and requests (seconds).
+        from mnist1d.data import get_dataset_args, make_dataset
+    except ImportError:
+        raise UserError(MNIST1D_MISSING) from None
+    args = get_dataset_args()  # an attribute object: make_dataset reads args.seed etc.
+    args.num_samples, args.seed = num_samples, seed
+    # make_dataset reseeds numpy's and Python's global generators: put them back.
+    numpy_state, python_state = np.random.get_state(), random.getstate()
+    try:
+        data = make_dataset(args)
+    finally:
+        np.random.set_state(numpy_state)
+        random.setstate(python_state)
+    x = np.concatenate([data["x"], data["x_test"]]).astype(np.float32)[:, None, :]
+    y = np.concatenate([data["y"], data["y_test"]]).astype(np.int64)
+    return x, y
+
+
+def cached_mnist1d(folder, num_samples, seed):
+    """generate_mnist1d's arrays, read from folder or generated and stored there once."""
+    # The package's version is part of the key: another version may generate other data.
+    # The split is not: one file serves every test_fraction.
+    key = json.dumps({"num_samples": num_samples, "seed": seed, "mnist1d": mnist1d_version()},
+                     sort_keys=True)
+    path = folder / f"mnist1d-{hashlib.sha256(key.encode()).hexdigest()[:16]}.h5"
+    if not path.is_file():
+        x, y = generate_mnist1d(num_samples, seed)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise UserError(f"cannot create mnist1d cache folder {folder} ({one_line(err)}): "
+                            f"set cache to a writable folder") from None
+        # Atomic: ranks that generate at once each rename a complete file onto path.
+        with atomic_h5(path) as file:
+            file.attrs["format"] = MNIST1D_CACHE_FORMAT
+            file.attrs["key"] = key
+            file.create_dataset("x", data=x)
+            file.create_dataset("y", data=y)
+        return x, y
+    fix = "delete it and load again to regenerate it"
+    try:
+        with h5py.File(path, "r", locking=False) as file:
+            stored_format, stored_key = file.attrs.get("format"), file.attrs.get("key")
+            x, y = file["x"][()], file["y"][()]
+    except (OSError, KeyError) as err:
+        raise UserError(f"cannot read mnist1d cache file {path} ({one_line(err)}): "
+                        f"{fix}") from None
+    if stored_format != MNIST1D_CACHE_FORMAT or stored_key != key:
+        raise UserError(f"mnist1d cache file {path} holds {stored_key}, not {key}: {fix}")
+    if x.dtype != np.float32 or x.ndim != 3 or x.shape[:2] != (len(y), 1) or y.ndim != 1:
+        raise UserError(f"mnist1d cache file {path} holds x {x.shape} {x.dtype} and y "
+                        f"{y.shape}, expected (N, 1, 40) float32 and (N,): {fix}")
+    return x, y
+
+
 # ---------------------------------------------------------------- partitions
 
 def partition(labels, num_parts, scheme="iid", *, seed=0, **params):
@@ -333,7 +419,7 @@ def partition(labels, num_parts, scheme="iid", *, seed=0, **params):
     if labels.ndim != 1:
         raise UserError(f"partition needs a 1-D label array, got shape {labels.shape}: "
                         f"pass the training labels")
-    num_parts = require_int("num_parts", num_parts, 1)
+    num_parts = checks.integer("num_parts", num_parts, 1)
     if len(labels) < num_parts:
         raise UserError(f"cannot split {len(labels)} samples into {num_parts} non-empty "
                         f"parts: use fewer ranks or a larger dataset")
@@ -349,7 +435,7 @@ def partition_iid(labels, num_parts, rng):
 
 @PARTITIONS.register("dirichlet")
 def partition_dirichlet(labels, num_parts, rng, alpha=0.5):
-    alpha = require_number("alpha", alpha, 0.0, inclusive=False)
+    alpha = checks.number("alpha", alpha, above=0)
     parts = [[] for _ in range(num_parts)]
     for label in np.unique(labels):
         members = rng.permutation(np.flatnonzero(labels == label))
@@ -367,12 +453,12 @@ def partition_dirichlet(labels, num_parts, rng, alpha=0.5):
 
 @PARTITIONS.register("shards")
 def partition_shards(labels, num_parts, rng, classes_per_part=2):
-    classes_per_part = require_int("classes_per_part", classes_per_part, 1)
+    classes_per_part = checks.integer("classes_per_part", classes_per_part, 1)
     num_shards = num_parts * classes_per_part
     if len(labels) < num_shards:
         raise UserError(f"cannot cut {len(labels)} samples into {num_shards} shards "
                         f"({num_parts} parts x classes_per_part={classes_per_part}): "
-                        f"lower classes_per_part or use fewer ranks")
+                        f"lower classes_per_part, use fewer ranks or more samples")
     shuffled = rng.permutation(len(labels))  # random order within each class
     by_class = shuffled[np.argsort(labels[shuffled], kind="stable")]
     shards = np.array_split(by_class, num_shards)
@@ -398,7 +484,7 @@ class ShardLoader:
                             f"give every rank a non-empty part")
         self.x, self.y = x, y
         self.size = len(x)
-        self.batch_size = require_int("batch_size", batch_size, 1)
+        self.batch_size = checks.integer("batch_size", batch_size, 1)
         self.seed = int(seed)
         self.epoch, self.offset = 0, 0
         self._order, self._order_epoch = None, None

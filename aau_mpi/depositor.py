@@ -53,6 +53,7 @@ class Depositor:
         self.mailbox = mailbox
         self.threaded = bool(threaded) and thread_multiple()
         self.busy_seconds = 0.0      # time the last deposit took, wherever it ran
+        self.before_seconds = 0.0    # ... of which its `before()` (a device-to-host copy)
         self.waited_seconds = 0.0    # time the caller's last wait() blocked
         self._job = None
         self._error = None
@@ -107,6 +108,7 @@ class Depositor:
         try:
             if before is not None:
                 before()
+            self.before_seconds = time.perf_counter() - started
             self.mailbox.deposit(**deposit)
         except BaseException as error:  # handed to the caller's thread by wait()
             self._error = error

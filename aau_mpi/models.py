@@ -5,6 +5,7 @@ import math
 from torch import nn
 from torch.nn import functional as F
 
+from aau_mpi import checks
 from aau_mpi.errors import UserError
 from aau_mpi.registry import Registry
 
@@ -21,6 +22,13 @@ def require_image_shape(model, input_shape, min_size):
     if len(input_shape) != 3 or min(input_shape[1:]) < min_size:
         raise UserError(f"{model} needs image input (channels, height, width) with height and "
                         f"width >= {min_size}, got {input_shape}: use logreg or mlp for this data")
+    return input_shape
+
+
+def require_sequence_shape(model, input_shape, min_length):
+    if len(input_shape) != 2 or input_shape[1] < min_length:
+        raise UserError(f"{model} needs sequence input (channels, length) with length >= "
+                        f"{min_length}, got {input_shape}: use logreg or mlp for this data")
     return input_shape
 
 
@@ -58,6 +66,31 @@ def lenet(input_shape, num_classes):
         nn.Linear(16 * (height // 4) * (width // 4), 120), nn.ReLU(),
         nn.Linear(120, 84), nn.ReLU(),
         nn.Linear(84, num_classes))
+
+
+def conv_output_length(length, kernel, stride, padding):
+    return (length + 2 * padding - kernel) // stride + 1
+
+
+# (kernel, stride, padding) of the three convolutions of MNIST-1D's ConvBase.
+CNN1D_CONVS = ((5, 2, 1), (3, 2, 1), (3, 2, 1))
+
+
+@MODELS.register("cnn1d")
+def cnn1d(input_shape, num_classes, channels=25):
+    """MNIST-1D's CNN (ConvBase in the mnist1d repository): three strided ReLU Conv1d, one linear.
+
+    On length 40 the convolutions leave 19, 10, then 5 positions: a 25 * 5 -> classes
+    linear layer and 5,210 parameters in all for 10 classes.
+    """
+    channels = checks.integer("cnn1d channels", channels, 1)
+    in_channels, length = require_sequence_shape("cnn1d", input_shape, 3)
+    layers = []
+    for kernel, stride, padding in CNN1D_CONVS:
+        layers += [nn.Conv1d(in_channels, channels, kernel, stride, padding), nn.ReLU()]
+        in_channels, length = channels, conv_output_length(length, kernel, stride, padding)
+    layers += [nn.Flatten(), nn.Linear(channels * length, num_classes)]
+    return nn.Sequential(*layers)
 
 
 NORM_LAYERS = {

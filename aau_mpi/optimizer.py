@@ -30,6 +30,7 @@ Layers: the mailbox (transport) knows nothing of policies; the policy
 a torch model, and the trainer (aau_mpi.train) is one user of it.
 """
 
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -63,9 +64,11 @@ class Iteration:
     wait_seconds: float           # waiting for the policy to select, or in the Allreduce
     deposit_seconds: float        # the previous deposit, on the communication thread
     deposit_wait_seconds: float   # this thread blocked on that deposit before mixing
-    mix_seconds: float
+    mix_seconds: float            # mixing, including its host-to-device copies
     step_seconds: float           # the wrapped optimizer's step
     delay: float = 0.0            # straggler sleep (part of compute_seconds)
+    copy_seconds: float = 0.0     # device copies: the deposit's device-to-host staging (on
+                                  # the communication thread) + the mix's host-to-device ones
     time: float = 0.0             # training clock at the end of the step
     averaged: list = field(default_factory=list)   # ranks whose deposits were mixed
     staleness: list = field(default_factory=list)  # k - their deposits' iterations
@@ -381,7 +384,7 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
             torch.mul(flat, selection.self_weight, out=mix)
             used = []
             for (j, slot), weight in zip(selection.slots, selection.weights):
-                got = self.mailbox.read(j, slot, out=self._copier(weight))
+                got = self.mailbox.read(j, slot, out=self._copier(weight, record))
                 if got is None:  # every copy overlapped a write: its weight stays with x
                     mix.add_(flat, alpha=weight)
                     continue
@@ -395,9 +398,10 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
             flat.copy_(mix)
         self.policy.mixed(used, k)
 
-    def _copier(self, weight):
+    def _copier(self, weight, record):
         """How a neighbour's payload leaves the window: scaled into the host buffer on
-        the CPU (one pass), copied to the device on a GPU (one host-to-device copy)."""
+        the CPU (one pass), copied to the device on a GPU (one host-to-device copy,
+        which returns once the source is read: the seqlock's second check follows)."""
         incoming = self._incoming
         if self.device.type == "cpu":
             def copy(source):
@@ -405,7 +409,9 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
                 return incoming
         else:
             def copy(source):
+                started = time.perf_counter()
                 incoming.copy_(torch.from_numpy(source))
+                record.copy_seconds += time.perf_counter() - started
                 return incoming
         return copy
 
@@ -416,7 +422,8 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
         self.depositor.wait()
         if self._staging is not None:
             self._staging.protect()
-        record.deposit_seconds = self.depositor.busy_seconds
+        record.deposit_seconds = self.depositor.busy_seconds - self.depositor.before_seconds
+        record.copy_seconds += self.depositor.before_seconds
         record.deposit_wait_seconds = self._now() - started
 
     def _average_gradients(self):

@@ -242,9 +242,11 @@ class Simulator:
                           for i in range(n)]
         self.lockstep = not policies[0].uses_mailbox
 
+        self.folder = self._run_folder(config_path) if folder is None else Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
         # Data, partition, loaders and model exactly as aau_mpi.train builds them.
         with section("data"):
-            data = load_dataset(config.data.name, config.data.params)
+            data = load_dataset(config.data.name, config.dataset_params(self.folder))
         self.train_size = len(data.y_train)
         with section("data.partition"):
             parts = partition(data.y_train.numpy(), n, config.data.partition.name,
@@ -286,8 +288,6 @@ class Simulator:
         self.schedule = config.schedule(self.train_size)
         self.learning_rate = config.optim.learning_rate()
 
-        self.folder = self._run_folder(config_path) if folder is None else Path(folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
         (self.folder / "config.yaml").write_text(
             config.to_yaml() + yaml.safe_dump({"simulation": {"ranks": n,
                                                               **self.timing.describe(n)}},
@@ -536,7 +536,8 @@ class Simulator:
             record = SimpleNamespace(
                 iteration=k, time=now, compute_seconds=worker.compute, wait_seconds=wait,
                 deposit_seconds=worker.deposit_seconds, deposit_wait_seconds=deposit_wait,
-                mix_seconds=0.0, step_seconds=0.0, delay=worker.delay, averaged=averaged,
+                mix_seconds=0.0, step_seconds=0.0, copy_seconds=0.0, delay=worker.delay,
+                averaged=averaged,
                 staleness=staleness, step_scale=scale)
             worker.log.iteration(record, loss=self.last_loss, samples=self.samples,
                                  lr=worker.lr * scale)

@@ -31,7 +31,7 @@ from mpi4py import MPI
 from aau_mpi import checkpoint
 from aau_mpi.checkpointer import Checkpointer
 from aau_mpi.config import config_from_dict, load_config
-from aau_mpi.datasets import load_dataset, partition, shard_loader
+from aau_mpi.datasets import DATASETS, load_dataset, partition, shard_loader
 from aau_mpi.errors import UserError, section
 from aau_mpi.evaluation import evaluate_job, loss_and_correct
 from aau_mpi.models import build_model
@@ -99,8 +99,9 @@ class Trainer:
             manifest = checkpoint.read_manifest(checkpoint.find_checkpoint(resume))
             checkpoint.check_compatible(manifest, self.size, self._identity())
 
+        self.folder = self._run_folder(config_path, manifest)
         with section("data"):
-            data = load_dataset(config.data.name, config.data.params)
+            data = self._load_data()
         self.train_size = len(data.y_train)
         with section("data.partition"):
             parts = partition(data.y_train.numpy(), self.size, config.data.partition.name,
@@ -123,7 +124,6 @@ class Trainer:
                               weight_decay=optim.weight_decay, nesterov=optim.nesterov)
 
         self.schedule = config.schedule(self.train_size)
-        self.folder = self._run_folder(config_path, manifest)
         self.log = RankLog(self.folder, self.rank, trace=config.output.trace)
         self.checkpoints = Checkpointer(
             self.folder / "checkpoints", every_seconds=config.checkpoint.every_seconds,
@@ -174,6 +174,19 @@ class Trainer:
         if self.rank == 0:
             (folder / "config.yaml").write_text(self.config.to_yaml())
         return folder
+
+    def _load_data(self):
+        """The dataset. One that is generated (it takes a `cache` folder, as mnist1d
+        does) is generated once, by rank 0, into the run folder from the job's
+        seed; the other ranks wait, sleeping, and read the cached file."""
+        name, params = self.config.data.name, self.config.dataset_params(self.folder)
+        if "cache" not in DATASETS.params(name):
+            return load_dataset(name, params)
+        data = load_dataset(name, params) if self.rank == 0 else None
+        done = self.comm.Ibarrier()
+        while not done.Test():
+            time.sleep(0.05)  # not a spinning barrier: rank 0 needs the cores
+        return data if data is not None else load_dataset(name, params)
 
     def _extra_state(self):
         """What the trainer adds to each rank's checkpoint."""

@@ -1,9 +1,11 @@
 """Dataset loaders on small files written in the real formats, partitions and shard loaders."""
 
 import gzip
+import importlib.metadata
 import os
 import pickle
 import struct
+import sys
 
 import h5py
 import numpy as np
@@ -299,6 +301,13 @@ def test_digits_bundled_file():
     ("mnist", {}, "missing a required argument: 'root'"),
     ("hdf5", {"file": "x.h5"}, "it takes: path, test_fraction, seed"),
     ("mnsit", {}, "did you mean 'mnist'"),
+    ("mnist1d", {"samples": 100}, "did you mean 'num_samples'"),
+    ("mnist1d", {"num_samples": 9}, "num_samples must be an integer >= 10"),
+    ("mnist1d", {"test_fraction": 0}, "test_fraction must be a number > 0"),
+    ("mnist1d", {"seed": -1}, "seed must be an integer >= 0"),
+    ("mnist1d", {"seed": 2**32}, "seed must be below 2\\*\\*32"),
+    ("mnist1d", {"num_samples": 10, "test_fraction": 0.95}, "empty train or test set"),
+    ("mnist1d", {"cache": 5}, "cache must be a folder path"),
 ])
 def test_bad_loader_name_or_params(name, params, expected):
     with pytest.raises(UserError, match=expected) as error:
@@ -307,8 +316,99 @@ def test_bad_loader_name_or_params(name, params, expected):
 
 
 def test_registries_list_everything():
-    assert DATASETS.names() == ["cifar10", "digits", "hdf5", "mnist", "synthetic"]
+    assert DATASETS.names() == ["cifar10", "digits", "hdf5", "mnist", "mnist1d", "synthetic"]
     assert PARTITIONS.names() == ["dirichlet", "iid", "shards"]
+
+
+# ------------------------------------------------------------------ mnist1d
+
+def package_mnist1d(num_samples, seed, train_split=0.8):
+    from mnist1d.data import get_dataset_args, make_dataset
+    args = get_dataset_args()
+    args.num_samples, args.seed, args.train_split = num_samples, seed, train_split
+    return make_dataset(args)
+
+
+def test_mnist1d_is_the_packages_data_as_float32_sequences():
+    dataset = load_dataset("mnist1d", {"num_samples": 200, "seed": 3})
+    check_dataset(dataset)
+    assert dataset.input_shape == (1, 40) and dataset.num_classes == 10
+    assert dataset.x_train.shape == (160, 1, 40) and dataset.x_test.shape == (40, 1, 40)
+    reference = package_mnist1d(200, 3)
+    assert torch.equal(dataset.x_train[:, 0], torch.from_numpy(reference["x"]).float())
+    assert torch.equal(dataset.x_test[:, 0], torch.from_numpy(reference["x_test"]).float())
+    assert torch.equal(dataset.y_test, torch.from_numpy(reference["y_test"]))
+    assert torch.bincount(torch.cat([dataset.y_train, dataset.y_test])).tolist() == [20] * 10
+
+
+def test_mnist1d_is_deterministic_per_seed_and_keeps_global_generators():
+    import random
+    np.random.seed(123)
+    random.seed(123)
+    numpy_state, python_state = np.random.get_state(), random.getstate()
+    first = load_dataset("mnist1d", {"num_samples": 100})
+    assert all(np.array_equal(a, b) for a, b in zip(np.random.get_state(), numpy_state))
+    assert random.getstate() == python_state
+    second = load_dataset("mnist1d", {"num_samples": 100, "seed": 0})
+    assert torch.equal(first.x_train, second.x_train) and torch.equal(first.y_test, second.y_test)
+    other = load_dataset("mnist1d", {"num_samples": 100, "seed": 1})
+    assert not torch.equal(first.x_train, other.x_train)
+
+
+def test_mnist1d_test_fraction_is_the_packages_train_split():
+    dataset = load_dataset("mnist1d", {"num_samples": 105, "test_fraction": 0.3})
+    reference = package_mnist1d(105, 0, train_split=0.7)  # 105 // 10 per class: 100 samples
+    assert len(dataset.y_train) == len(reference["y"]) == 70
+    assert torch.equal(dataset.y_test, torch.from_numpy(reference["y_test"]))
+
+
+def block_mnist1d_import(monkeypatch):
+    for module in ("mnist1d", "mnist1d.data"):
+        monkeypatch.setitem(sys.modules, module, None)  # `import` now raises ImportError
+
+
+def test_mnist1d_cache_is_written_once_and_read_without_the_package(tmp_path, monkeypatch):
+    cache = tmp_path / "cache" / "mnist1d"  # created on first use
+    generated = load_dataset("mnist1d", {"num_samples": 100, "cache": str(cache)})
+    (file,) = cache.iterdir()  # one file, no temp file left behind
+    assert file.name.startswith("mnist1d-") and file.suffix == ".h5"
+    block_mnist1d_import(monkeypatch)
+    cached = load_dataset("mnist1d", {"num_samples": 100, "cache": cache})
+    assert torch.equal(cached.x_train, generated.x_train)
+    assert torch.equal(cached.y_test, generated.y_test)
+    other_split = load_dataset("mnist1d", {"num_samples": 100, "test_fraction": 0.5,
+                                           "cache": cache})
+    assert len(other_split.y_test) == 50 and list(cache.iterdir()) == [file]
+    with pytest.raises(UserError, match="pip install mnist1d"):
+        load_dataset("mnist1d", {"num_samples": 100, "seed": 1, "cache": cache})
+
+
+def test_mnist1d_cache_file_per_generation_arguments(tmp_path):
+    for params in ({"num_samples": 20}, {"num_samples": 30}, {"num_samples": 20, "seed": 1}):
+        load_dataset("mnist1d", {**params, "cache": tmp_path})
+    assert len(list(tmp_path.glob("mnist1d-*.h5"))) == 3
+
+
+def test_mnist1d_bad_cache_file_says_delete_it(tmp_path):
+    load_dataset("mnist1d", {"num_samples": 20, "cache": tmp_path})
+    (file,) = tmp_path.iterdir()
+    file.write_bytes(b"not hdf5")
+    with pytest.raises(UserError, match="delete it") as error:
+        load_dataset("mnist1d", {"num_samples": 20, "cache": tmp_path})
+    assert str(file) in str(error.value) and "\n" not in str(error.value)
+
+
+def test_mnist1d_missing_package_names_the_fix(monkeypatch, tmp_path):
+    block_mnist1d_import(monkeypatch)
+    with pytest.raises(UserError, match="^data.name mnist1d needs the mnist1d package: "
+                                        "pip install mnist1d$"):
+        load_dataset("mnist1d", {"num_samples": 20})
+
+    def not_installed(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+    monkeypatch.setattr(importlib.metadata, "version", not_installed)
+    with pytest.raises(UserError, match="pip install mnist1d"):
+        load_dataset("mnist1d", {"num_samples": 20, "cache": tmp_path})
 
 
 # --------------------------------------------------------------- partitions
@@ -389,9 +489,32 @@ def test_partition_bad_params(scheme, params, expected):
         partition(np.arange(100) % 10, 10, scheme, **params)
 
 
-def test_partition_more_parts_than_samples():
-    with pytest.raises(UserError, match="cannot split 3 samples into 4"):
-        partition(np.zeros(3), 4, "iid")
+@pytest.mark.parametrize("scheme", ["iid", "dirichlet", "shards"])
+def test_partition_more_parts_than_samples(scheme):
+    with pytest.raises(UserError, match="cannot split 3 samples into 4.*use fewer ranks"):
+        partition(np.zeros(3), 4, scheme)
+
+
+@pytest.mark.parametrize("scheme, params", [
+    ("iid", {}),
+    ("dirichlet", {"alpha": 0.1}),
+    ("dirichlet", {"alpha": 0.01}),
+    ("shards", {"classes_per_part": 2}),
+    ("shards", {"classes_per_part": 7}),  # 448 shards of 500 samples
+])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_64_parts_of_500_samples_are_all_nonempty(scheme, params, seed):
+    labels = np.random.default_rng(seed).integers(0, 10, 500)
+    check_partition(partition(labels, 64, scheme, seed=seed, **params), 500, 64)
+
+
+def test_dirichlet_one_class_many_parts_nonempty():
+    check_partition(partition(np.zeros(64, dtype=int), 64, "dirichlet", alpha=0.1), 64, 64)
+
+
+def test_shards_too_many_for_the_samples_names_the_fixes():
+    with pytest.raises(UserError, match="500 samples into 512 shards.*more samples"):
+        partition(np.arange(500) % 10, 64, "shards", classes_per_part=8)
 
 
 # ------------------------------------------------------------- shard loader

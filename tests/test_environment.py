@@ -26,11 +26,14 @@ def package(requirement):
 
 
 def conda_packages():
+    """Names the file installs: conda packages and pip requirements (not pip options like -e)."""
     spec = yaml.safe_load((REPO / "environment.yml").read_text())
     names = set()
     for dependency in spec["dependencies"]:
         if isinstance(dependency, str):
             names.add(package(dependency))
+        else:
+            names.update(package(r) for r in dependency.get("pip", []) if not r.startswith("-"))
     return names, spec
 
 

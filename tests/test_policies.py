@@ -1,6 +1,5 @@
 """Policies as pure decision logic: synthetic header snapshots, a fake clock, no MPI."""
 
-import numpy as np
 import pytest
 
 from aau_mpi.errors import UserError

@@ -30,7 +30,7 @@ def finished_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
     result = launch(4, "--config", "jobs/demo.yaml", f"output.dir={out}", "name=demo",
                     "output.trace=true", "eval.target_accuracy=0.5",
-                    "checkpoint.every_iterations=40", "checkpoint.keep=50", *QUICK)
+                    "checkpoint.every_iterations=10", "checkpoint.keep=50", *QUICK)
     assert result.returncode == 0, result.stderr[-3000:]
     return out / "demo", result
 
@@ -73,8 +73,8 @@ def test_a_run_leaves_its_config_logs_summary_and_final_model(finished_run):
 
 
 @pytest.mark.parametrize("policy,how", [
-    ("aau", "SIGUSR1 to mpiexec"), ("dpsgd", "SIGUSR1 to mpiexec"),
-    ("allreduce", "SIGUSR1 to mpiexec"), ("aau", "SIGTERM to every rank"),
+    ("dpsgd", "SIGUSR1 to mpiexec"), ("allreduce", "SIGUSR1 to mpiexec"),
+    ("aau", "SIGTERM to every rank"),
 ])
 def test_a_preempted_run_checkpoints_exits_75_and_resumes(tmp_path, policy, how):
     """Slurm signals either the launcher (--signal=B:USR1 in a batch script
@@ -125,16 +125,16 @@ def test_a_preempted_run_checkpoints_exits_75_and_resumes(tmp_path, policy, how)
 
 
 def test_resuming_an_older_generation_never_overwrites_newer_ones(finished_run, tmp_path):
-    """Review finding 6: resuming from gen 2 while later generations exist numbers
+    """Review finding 6: resuming from an old generation while later ones exist numbers
     the new ones after the largest present, and leaves the others byte for byte."""
     folder, _ = finished_run
     copy = tmp_path / "copy"
     subprocess.run(["cp", "-r", str(folder), str(copy)], check=True)
-    generations = sorted((copy / "checkpoints").glob("gen-*"))
-    assert len(generations) >= 3, [g.name for g in generations]
+    complete = sorted(path.parent for path in (copy / "checkpoints").glob("gen-*/manifest.h5"))
+    assert len(complete) >= 2, [g.name for g in complete]
     before = {path: path.read_bytes() for path in (copy / "checkpoints").rglob("*.h5")}
-    newest = int(generations[-1].name[4:])
-    result = launch(4, "--resume", str(generations[1]), "budget.epochs=null",
+    newest = max(int(g.name[4:]) for g in (copy / "checkpoints").glob("gen-*"))
+    result = launch(4, "--resume", str(complete[0]), "budget.epochs=null",
                     "budget.samples=8000", "checkpoint.every_iterations=null", timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     for path, data in before.items():
@@ -183,15 +183,15 @@ def test_divergence_stops_the_job_and_keeps_the_last_good_checkpoint(finished_ru
     assert np.isfinite(arrays["params"]).all()
 
 
+# One case per stage where bad input is found: the config, a component built
+# from it, the topology against the job's size, the data. Every config message
+# is unit-tested in tests/test_config.py; these show that each stage ends the
+# whole job with one line (2 ranks, each case its own job).
 BAD_INPUT = [
     (["policy.name=aua"], "did you mean 'aau'"),
-    (["optim.lrr=0.1"], "did you mean 'optim.lr'"),
-    (["optim.lr=-1"], "optim.lr must be > 0"),
-    (["policy.tau=0"], "policy.tau"),
-    (["data.partition.alpha=0"], "alpha"),
+    (["data.partition.alpha=0"], "alpha must be a number > 0"),
     (["topology={file: topologies/two_clusters_8.yaml}"], "8 nodes but the job has 2 ranks"),
     (["data={name: mnist, root: /nonexistent}"], "nothing is downloaded"),
-    (["stragglers.ranks=[7]"], "stragglers.ranks"),
 ]
 
 
