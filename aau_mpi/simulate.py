@@ -269,12 +269,12 @@ class Simulator:
                             f"without them (e.g. resnet18 with norm: group)")
         self.stacked = StackedModel(self.model)
 
+        step_from = "--step-seconds"
         if step_seconds is None:
-            step_seconds, step_from = measure_step_seconds(
-                self.model, data.x_train, data.y_train, self.batch_size, config.optim), \
-                f"measured: median of {TIMED_STEPS} steps, {torch.get_num_threads()} thread(s)"
-        else:
-            step_from = "--step-seconds"
+            step_seconds = measure_step_seconds(self.model, data.x_train, data.y_train,
+                                                self.batch_size, config.optim)
+            step_from = (f"measured: median of {TIMED_STEPS} steps, "
+                         f"{torch.get_num_threads()} thread(s)")
         x0 = torch.nn.utils.parameters_to_vector(self.model.parameters()).detach()
         payload_bytes = x0.numel() * x0.element_size()
         if bandwidth_gbs is None:
