@@ -44,7 +44,7 @@ from aau_mpi import checks
 from aau_mpi.datasets import DATASETS, PARTITIONS
 from aau_mpi.errors import UserError
 from aau_mpi.models import MODELS
-from aau_mpi.optim import SCHEDULES, LearningRate
+from aau_mpi.optim import LR_SCALINGS, SCHEDULES, LearningRate
 from aau_mpi.policies import POLICIES
 from aau_mpi.registry import Registry, closest
 from aau_mpi.schedule import Schedule
@@ -110,9 +110,15 @@ class OptimConfig:
     nesterov: bool = False
     schedule: Component = field(default_factory=lambda: Component(SCHEDULE.default))
     warmup: float = 0.0
+    scale_lr: str = "none"           # none | linear | sqrt: lr times (global batch / reference)
+    reference_batch: int = None      # the batch lr is tuned for (default: data.batch_size)
 
-    def learning_rate(self):
-        return LearningRate(self.lr, self.schedule.name, self.schedule.params, self.warmup)
+    def learning_rate(self, global_batch=None, batch_size=None):
+        """The lr schedule; with scale_lr, lr scaled for `global_batch` samples per round
+        of all ranks against reference_batch (default `batch_size`)."""
+        return LearningRate(self.lr, self.schedule.name, self.schedule.params, self.warmup,
+                            scaling=self.scale_lr, global_batch=global_batch,
+                            reference_batch=self.reference_batch or batch_size)
 
 
 @dataclass
@@ -307,7 +313,9 @@ OPTIM_FIELDS = {"lr": _Field("float", POSITIVE),
                 "momentum": _Field("float", FRACTION),
                 "weight_decay": _Field("float", NON_NEGATIVE),
                 "nesterov": _Field("bool"),
-                "warmup": _Field("float", FRACTION)}
+                "warmup": _Field("float", FRACTION),
+                "scale_lr": _Field("str", LR_SCALINGS),
+                "reference_batch": _optional("int", AT_LEAST_ONE)}
 BUDGET_FIELDS = {"epochs": _optional("float", POSITIVE),
                  "samples": _optional("int", POSITIVE),
                  "seconds": _optional("float", POSITIVE)}

@@ -11,11 +11,14 @@ neighbour that is already in an evaluation joins it from its wait loop. The
 stop is only taken after a step.
 
 The counter is batched: a rank adds its samples and reads the event word
-every `flush_seconds` (or when it holds more than its share of 0.2 % of the
-sample budget), not every step, so control costs no round trip on most
-steps at any number of ranks. The budget is overshot by about the samples
-all ranks process in two flush intervals (well under 1 % of any budget of
-more than a few seconds).
+when it holds more than its share (1/N) of BUDGET_SHARE of the sample
+budget, or when FLUSH_SHARE of the training time so far has passed since
+its last flush (at least FLUSH_SECONDS), not every step. So all ranks
+together hold at most BUDGET_SHARE of the budget unreported, and a stop or
+an evaluation is seen within FLUSH_SHARE of the elapsed time: the budget is
+overshot by under 1 %, and rank 0's control words see a bounded rate of
+round trips. With the budget growing with the ranks (the same work per
+rank), a rank's round trips per step do not grow with N.
 
 Lock-step ranks (the allreduce policy) must serve the same events after the
 same step and take identical steps: they agree on the event word and on
@@ -34,8 +37,9 @@ from mpi4py import MPI
 from aau_mpi.control import JobControl
 from aau_mpi.schedule import RUNNING, Schedule, events_announced
 
-FLUSH_SECONDS = 0.02
-BUDGET_SHARE = 0.002          # most of the sample budget a rank holds unreported
+FLUSH_SECONDS = 0.02          # the shortest interval between a rank's flushes
+FLUSH_SHARE = 0.002           # ... and a fraction of the training time so far
+BUDGET_SHARE = 0.004          # the most of the sample budget all ranks hold unreported
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
@@ -131,15 +135,18 @@ class JobEvents:
 
     def poll(self):
         """While waiting: announce and serve what is due (evaluations; never the stop)."""
-        if time.monotonic() - self._flushed >= self.flush_seconds:
+        if self._interval_passed():
             self._flush()
             if not self.lockstep:
                 self._serve(stop_allowed=False)
 
+    def _interval_passed(self):
+        interval = max(self.flush_seconds, FLUSH_SHARE * self.training_seconds())
+        return time.monotonic() - self._flushed >= interval
+
     def _flush_due(self):
-        return (time.monotonic() - self._flushed >= self.flush_seconds
-                or (self.max_pending is not None and self._pending >= self.max_pending)
-                or self.preempted)
+        return (self._interval_passed() or self.preempted
+                or (self.max_pending is not None and self._pending >= self.max_pending))
 
     def _flush(self):
         self.samples, word = self.control.add_samples(self._pending)

@@ -291,6 +291,12 @@ class Mailbox:
         self.win.Flush(self.rank)
         return self._versions_read[:len(slots)].copy()
 
+    def versions(self):
+        """Every own slot's version word (atomic reads, no copy): a cheap test of
+        whether anything was deposited since the last look."""
+        return self._read_versions(range(self.num_slots)) if self.num_slots else \
+            self._versions_read[:0].copy()
+
     def headers(self):
         """Snapshot of all own slots' headers, shape (in-degree, slots per neighbour).
 

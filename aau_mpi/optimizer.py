@@ -51,8 +51,16 @@ from aau_mpi.world import current_world, install_abort_hook
 
 # Every microsecond between a deposit (or a collective's completion) and
 # this rank noticing it adds to the iteration: poll at least every 0.1 ms
-# (a 1 ms cap made LeNet iterations on digits 1.6x slower, for every policy).
+# (a 1 ms cap made LeNet iterations on digits 1.6x slower, for every policy,
+# 4 ranks on 2 cores). Ranks oversubscribed beyond 2 per core poll less
+# often, in proportion: a waiting rank's polls take the core its neighbour
+# needs to produce what it waits for (64 ranks on 2 cores spent most of
+# their time polling with the 0.1 ms cap).
 POLL_CAP = 1e-4
+# A waiting rank re-runs its policy when a version word moved, or at least
+# this often (a stalled neighbour skipped by the watchdog changes nothing
+# in the window).
+RESELECT_SECONDS = 0.01
 
 
 @dataclass
@@ -69,19 +77,20 @@ class Iteration:
     delay: float = 0.0            # straggler sleep (part of compute_seconds)
     copy_seconds: float = 0.0     # device copies: the deposit's device-to-host staging (on
                                   # the communication thread) + the mix's host-to-device ones
+    control_seconds: float = 0.0  # counting the step's samples, job-wide events included
     time: float = 0.0             # training clock at the end of the step
     averaged: list = field(default_factory=list)   # ranks whose deposits were mixed
     staleness: list = field(default_factory=list)  # k - their deposits' iterations
     step_scale: float = 1.0
 
 
-def wait_for(request, idle=None):
+def wait_for(request, idle=None, cap=POLL_CAP):
     """Complete a non-blocking MPI request, calling `idle` while it is pending.
 
     Waiting in Test rather than in a blocking call lets the caller serve
     events and watch for a rank that never arrives.
     """
-    backoff = Backoff(cap=POLL_CAP)
+    backoff = Backoff(cap=cap)
     while not request.Test():
         backoff.wait()
         if idle:
@@ -182,6 +191,7 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
         self._check_same_model()
         self._broadcast_initial_model()
         self.device = self.params.device
+        self.poll_cap = POLL_CAP * max(1.0, world.local_size / (2 * world.cores_per_node))
         self.k = 0
         self.closed = False
         self.last = None
@@ -336,7 +346,9 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
         record.step_seconds = self._now() - stepping
         self.k += 1
         self._deposit()
+        counting = self._now()
         self.events.count(self.batch_size)
+        record.control_seconds = self._now() - counting
         self.watchdog.reset()
         if self.mailbox:
             self._watch_silent_neighbours()
@@ -350,13 +362,24 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
         return loss
 
     def _select(self, k):
-        backoff = Backoff(cap=POLL_CAP)
-        while (selection := self.policy.select(self.mailbox.headers(), k,
-                                               self.world.clock())) is None:
+        """Poll until the policy selects. Between polls the policy is asked again only
+        when a deposit landed (a version word moved), when its rule depends on the
+        clock, or every RESELECT_SECONDS: one version read per slot, not a header
+        snapshot and a decision, is what a waiting rank costs its node."""
+        backoff = Backoff(cap=self.poll_cap)
+        seen, asked = None, -float("inf")
+        while True:
+            versions = self.mailbox.versions()
+            now = self.world.clock()
+            if (seen is None or self.policy.time_dependent or now - asked >= RESELECT_SECONDS
+                    or (versions != seen).any()):
+                seen, asked = versions, now
+                selection = self.policy.select(self.mailbox.headers(), k, now)
+                if selection is not None:
+                    return selection
             backoff.wait()
             self.events.poll()
             self.watchdog.waiting(None, self._inspect_neighbours, self.policy.synchronous)
-        return selection
 
     def _inspect_neighbours(self):
         headers = self.mailbox.headers()
@@ -475,7 +498,7 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
         """Complete a collective's request; the watchdog ends the job if a rank
         never arrives (nobody can go on without it)."""
         self.watchdog.reset()
-        wait_for(request, lambda: self.watchdog.waiting(what))
+        wait_for(request, lambda: self.watchdog.waiting(what), self.poll_cap)
         self.watchdog.reset()
 
     def averaged(self):
@@ -494,7 +517,7 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
         own = self.params.flat.detach().clone()
         mine = own.cpu().numpy().astype(np.float64)
         total = np.empty_like(mine)
-        wait_for(comm.Iallreduce(mine, total), idle)
+        wait_for(comm.Iallreduce(mine, total), idle, self.poll_cap)
         return own, torch.from_numpy((total / self.size).astype(np.float32))
 
     # ---- state ----------------------------------------------------------------

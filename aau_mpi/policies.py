@@ -59,10 +59,7 @@ class Policy:
     slots_per_neighbour = 1
     synchronous = False     # True: ranks must agree on iteration numbers (see resume)
     waits = True            # False: select never returns None (wait-free)
-    # True when a None from select can turn into a Selection with time alone,
-    # no new deposit: the simulator (aau_mpi.simulate) polls such a policy
-    # while it waits and re-evaluates the others only when a deposit lands.
-    time_rules = False
+    time_dependent = False  # True: select's answer can change with the clock alone
 
     def __init__(self, graph, rank):
         self.graph, self.rank = graph, rank
@@ -283,7 +280,7 @@ class AAU(Policy):
         self.gamma = checks.number("policy.gamma", gamma, 0.0)
         self.max_scale = checks.number("policy.max_scale", max_scale, 1.0)
         self.rate_scaled = checks.boolean("policy.rate_scaled", rate_scaled)
-        self.time_rules = self.gamma > 0  # rule 3's budget runs out with time
+        self.time_dependent = self.gamma > 0  # rule 3's budget runs out with time
         self._wait_started = None
 
     def select(self, headers, k, now):

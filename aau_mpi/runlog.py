@@ -51,7 +51,7 @@ class RankLog:
                 "compute": record.compute_seconds, "wait": record.wait_seconds,
                 "deposit": record.deposit_seconds, "deposit_wait": record.deposit_wait_seconds,
                 "mix": record.mix_seconds, "step": record.step_seconds,
-                "copy": record.copy_seconds,
+                "copy": record.copy_seconds, "control": record.control_seconds,
                 "delay": record.delay, "averaged": record.averaged,
                 "staleness": record.staleness, "step_scale": record.step_scale, **extra}
         self.lines.write(json.dumps(line) + "\n")

@@ -75,7 +75,7 @@ DEFAULT_BANDWIDTH_GBS = 10.0
 DEFAULT_LATENCY_US = 20.0
 TIMED_STEPS = 20           # the start-up measurement: median of this many steps
 WARM_UP_STEPS = 3          # ... after this many untimed ones
-POLL_FRACTION = 0.01       # a waiting policy with time rules is polled every 1 % of a step
+POLL_FRACTION = 0.01       # a waiting time-dependent policy is polled every 1 % of a step
 STALL_STEPS = 1000         # nothing but polls for this many step times: a deadlock
 ALL_LOGGED = 64            # up to this many workers, every one is logged and evaluated
 SAMPLED = 16               # beyond, this many evenly spaced ones
@@ -286,7 +286,7 @@ class Simulator:
                              payload_bytes)
         self.poll_seconds = POLL_FRACTION * step_seconds
         self.schedule = config.schedule(self.train_size)
-        self.learning_rate = config.optim.learning_rate()
+        self.learning_rate = config.optim.learning_rate(n * self.batch_size, self.batch_size)
 
         (self.folder / "config.yaml").write_text(
             config.to_yaml() + yaml.safe_dump({"simulation": {"ranks": n,
@@ -437,7 +437,7 @@ class Simulator:
     def _select(self, worker, now):
         selection = worker.policy.select(worker.headers.copy(), worker.k, now)
         if selection is None:
-            if worker.policy.time_rules and not worker.poll_pending:
+            if worker.policy.time_dependent and not worker.poll_pending:
                 worker.poll_pending = True
                 self._push(now + self.poll_seconds, POLL, worker)
             return
@@ -536,9 +536,8 @@ class Simulator:
             record = SimpleNamespace(
                 iteration=k, time=now, compute_seconds=worker.compute, wait_seconds=wait,
                 deposit_seconds=worker.deposit_seconds, deposit_wait_seconds=deposit_wait,
-                mix_seconds=0.0, step_seconds=0.0, copy_seconds=0.0, delay=worker.delay,
-                averaged=averaged,
-                staleness=staleness, step_scale=scale)
+                mix_seconds=0.0, step_seconds=0.0, copy_seconds=0.0, control_seconds=0.0,
+                delay=worker.delay, averaged=averaged, staleness=staleness, step_scale=scale)
             worker.log.iteration(record, loss=self.last_loss, samples=self.samples,
                                  lr=worker.lr * scale)
         self.progress.update(self.samples, now, self.last_loss, self.last_accuracy)

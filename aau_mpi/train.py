@@ -46,6 +46,11 @@ from aau_mpi.world import init, install_abort_hook
 EXIT_PREEMPTED = 75          # EX_TEMPFAIL: "try again", what a requeue script looks for
 PAGE_BYTES = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 MEMORY_EVERY = 16            # iterations between resident-memory samples (7 us each)
+MIN_ITERATIONS = 50          # per rank: fewer, and a job is warned that it cannot learn
+
+
+def warn(message):
+    print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 def resident_megabytes():
@@ -93,7 +98,8 @@ class Trainer:
         with section("stragglers"):
             self.straggler = build_straggler(config.stragglers.name, self.rank, self.size,
                                              config.stragglers.params)
-        self.lr = config.optim.learning_rate()
+        self.lr = config.optim.learning_rate(self.size * config.data.batch_size,
+                                             config.data.batch_size)
         manifest = None
         if resume:
             manifest = checkpoint.read_manifest(checkpoint.find_checkpoint(resume))
@@ -106,6 +112,7 @@ class Trainer:
         with section("data.partition"):
             parts = partition(data.y_train.numpy(), self.size, config.data.partition.name,
                               seed=config.seed, **config.data.partition.params)
+        self._guard_rails([len(part) for part in parts])
         # Only this rank's shard and the test set go to the device.
         self.batches = shard_loader(data.x_train, data.y_train, parts[self.rank],
                                     config.data.batch_size, seed=config.seed * 1000 + self.rank,
@@ -174,6 +181,25 @@ class Trainer:
         if self.rank == 0:
             (folder / "config.yaml").write_text(self.config.to_yaml())
         return folder
+
+    def _guard_rails(self, shard_sizes):
+        """Warn (rank 0, one line each) about a job too thin to learn: shards smaller
+        than a batch, or a budget of fewer than MIN_ITERATIONS iterations per rank."""
+        if self.rank != 0:
+            return
+        config, batch = self.config, self.config.data.batch_size
+        small = min(range(self.size), key=lambda r: shard_sizes[r])
+        if shard_sizes[small] < batch:
+            warn(f"rank {small}'s shard holds {shard_sizes[small]} samples, fewer than its batch "
+                 f"of {batch}: give the job more samples (or a data.partition that balances "
+                 f"them), fewer ranks, or a smaller data.batch_size")
+        budget = config.budget
+        samples = budget.samples or (budget.epochs * sum(shard_sizes) if budget.epochs else None)
+        if samples is not None and samples / (self.size * batch) < MIN_ITERATIONS:
+            warn(f"the budget gives each rank about {samples / (self.size * batch):.0f} "
+                 f"iterations (under {MIN_ITERATIONS}): a model barely moves in that; raise "
+                 f"budget.epochs or budget.samples, use fewer ranks, or set optim.scale_lr "
+                 f"so that each step does more")
 
     def _load_data(self):
         """The dataset. One that is generated (it takes a `cache` folder, as mnist1d
@@ -258,6 +284,7 @@ class Trainer:
         seconds = opt.training_seconds() - opt.events.seconds_before
         stats = {"iterations": opt.iteration,
                  "mailbox": opt.mailbox.stats if opt.mailbox else {},
+                 "control_round_trips": opt.events.control.round_trips,
                  **self.log.totals(seconds)}
         preempted = opt.preempted
         opt.finish()  # the model now holds the average of all ranks
@@ -277,6 +304,7 @@ class Trainer:
                        "wait_share": [r["wait_share"] for r in rows],
                        "sleep_share": [r["sleep_share"] for r in rows],
                        "mailbox": [r["mailbox"] for r in rows],
+                       "control_round_trips": [r["control_round_trips"] for r in rows],
                        "stragglers": self.straggler.describe(),
                        "target_accuracy": self.config.eval.target_accuracy,
                        "time_to_target": self.time_to_target,
@@ -312,7 +340,7 @@ def main(argv=None):
     world = init(device=config.device)
     if world.rank == 0:
         for warning in config.warnings:
-            print(f"warning: {warning}", file=sys.stderr, flush=True)
+            warn(warning)
         print(config.to_yaml(), flush=True)
     trainer = Trainer(world, config, args.config, args.resume)
     if world.rank == 0:

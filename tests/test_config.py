@@ -25,7 +25,7 @@ FULL = {
     "model": {"name": "mlp", "hidden": [64, 32]},
     "optim": {"lr": 0.1, "momentum": 0.5, "weight_decay": 0.0001, "nesterov": True,
               "schedule": {"name": "step", "milestones": [0.3, 0.6], "factor": 0.5},
-              "warmup": 0.05},
+              "warmup": 0.05, "scale_lr": "sqrt", "reference_batch": 64},
     "budget": {"samples": 100000, "seconds": 600.0},
     "stragglers": {"name": "fixed", "ranks": [1, 2], "slowdown": 3.0},
     "eval": {"every_seconds": 5.0, "max_samples": 2000, "target_accuracy": 0.9},
@@ -220,7 +220,7 @@ def test_out_of_range(overrides, expected):
 def test_unknown_key_suggests_the_closest():
     assert error({"optim": {"lrr": 0.1}, "budget": {"epochs": 1}}) == (
         "jobs/x.yaml: unknown key 'optim.lrr': did you mean 'optim.lr'? "
-        "(optim takes: lr, momentum, weight_decay, nesterov, schedule, warmup)")
+        "(optim takes: lr, momentum, weight_decay, nesterov, schedule, warmup, scale_lr, reference_batch)")
 
 
 def test_unknown_section_suggests_the_closest():

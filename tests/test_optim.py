@@ -111,3 +111,19 @@ def test_unknown_schedule_and_parameter_suggest_the_closest():
         LearningRate(0.1, "cosin")
     with pytest.raises(UserError, match="did you mean 'factor'"):
         LearningRate(0.1, "step", {"facter": 0.5})
+
+
+@pytest.mark.parametrize("scaling,expected", [("none", 0.1), ("linear", 0.1 * 64 * 32 / 256),
+                                              ("sqrt", 0.1 * (64 * 32 / 256) ** 0.5)])
+def test_lr_scales_with_the_global_batch_against_the_reference(scaling, expected):
+    """64 ranks of batch 32 against a reference batch of 256 (Goyal et al.'s)."""
+    lr = LearningRate(0.1, scaling=scaling, global_batch=64 * 32, reference_batch=256)
+    assert lr(0.5) == pytest.approx(expected)
+    warm = LearningRate(0.1, warmup=0.1, scaling=scaling, global_batch=64 * 32,
+                        reference_batch=256)
+    assert warm(0.05) == pytest.approx(expected / 2), "the warm-up ramps to the scaled lr"
+
+
+def test_bad_scaling_names_its_field():
+    with pytest.raises(UserError, match="optim.scale_lr must be one of none, linear, sqrt"):
+        LearningRate(0.1, scaling="square")
