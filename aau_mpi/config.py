@@ -42,14 +42,13 @@ import yaml
 
 from aau_mpi import checks
 from aau_mpi.datasets import DATASETS, PARTITIONS
-from aau_mpi.depositor import OVERLAP_MODES
-from aau_mpi.watchdog import ACTIONS as WATCHDOG_ACTIONS
-from aau_mpi.world import DEVICES
 from aau_mpi.errors import UserError
 from aau_mpi.models import MODELS
 from aau_mpi.optim import LR_SCALINGS, SCHEDULES, LearningRate
 from aau_mpi.policies import POLICIES
 from aau_mpi.registry import Registry, closest
+from aau_mpi.schedule import Schedule
+from aau_mpi.settings import DEVICES, OVERLAP_MODES, WATCHDOG_ACTIONS
 from aau_mpi.stragglers import STRAGGLERS
 from aau_mpi.topology import GENERATORS
 
@@ -196,6 +195,27 @@ class Config:
 
     def to_yaml(self):
         return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
+
+    def dataset_params(self, folder):
+        """The dataset's parameters for a run in `folder`: a generated dataset (one that
+        takes a `cache` folder, as mnist1d does) is made from the job's seed into
+        folder/data unless the config sets them."""
+        params = dict(self.data.params)
+        if "cache" in DATASETS.params(self.data.name):
+            params.setdefault("seed", self.seed)
+            params.setdefault("cache", str(Path(folder) / "data"))
+        return params
+
+    def schedule(self, train_size):
+        """The stop and evaluation points for a training set of `train_size` samples."""
+        budget, every = self.budget, self.eval
+        return Schedule(
+            sample_budget=budget.samples or (round(budget.epochs * train_size)
+                                             if budget.epochs else None),
+            time_budget=budget.seconds,
+            eval_samples=round(every.every_epochs * train_size) if every.every_epochs
+            else None,
+            eval_seconds=every.every_seconds)
 
 
 def _to_plain(section):

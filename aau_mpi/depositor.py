@@ -23,8 +23,7 @@ import time
 from mpi4py import MPI
 
 from aau_mpi import checks
-
-OVERLAP_MODES = ("auto", "thread", "inline")
+from aau_mpi.settings import OVERLAP_MODES
 
 
 def thread_multiple():

@@ -21,7 +21,6 @@ import math
 import os
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -33,13 +32,12 @@ from aau_mpi import checkpoint
 from aau_mpi.checkpointer import Checkpointer
 from aau_mpi.config import config_from_dict, load_config
 from aau_mpi.datasets import DATASETS, load_dataset, partition, shard_loader
-from aau_mpi.errors import UserError
+from aau_mpi.errors import UserError, section
 from aau_mpi.evaluation import evaluate_job, loss_and_correct
 from aau_mpi.models import build_model
 from aau_mpi.optimizer import DecentralizedOptimizer
 from aau_mpi.policies import build_policy
 from aau_mpi.runlog import Progress, RankLog, append_json_line, summary_table, write_json
-from aau_mpi.schedule import Schedule
 from aau_mpi.stragglers import build_straggler
 from aau_mpi.topology import load_topology
 from aau_mpi.watchdog import Watchdog
@@ -49,16 +47,6 @@ EXIT_PREEMPTED = 75          # EX_TEMPFAIL: "try again", what a requeue script l
 PAGE_BYTES = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 MEMORY_EVERY = 16            # iterations between resident-memory samples (7 us each)
 MIN_ITERATIONS = 50          # per rank: fewer, and a job is warned that it cannot learn
-
-
-@contextmanager
-def section(name):
-    """Prefix a component's UserError with its config section, unless it names it."""
-    try:
-        yield
-    except UserError as err:
-        message = str(err)
-        raise UserError(message if message.startswith(name) else f"{name}: {message}") from None
 
 
 def warn(message):
@@ -142,14 +130,7 @@ class Trainer:
         sgd = torch.optim.SGD(self.model.parameters(), lr=optim.lr, momentum=optim.momentum,
                               weight_decay=optim.weight_decay, nesterov=optim.nesterov)
 
-        budget, every = config.budget, config.eval
-        self.schedule = Schedule(
-            sample_budget=budget.samples or (round(budget.epochs * self.train_size)
-                                             if budget.epochs else None),
-            time_budget=budget.seconds,
-            eval_samples=round(every.every_epochs * self.train_size) if every.every_epochs
-            else None,
-            eval_seconds=every.every_seconds)
+        self.schedule = config.schedule(self.train_size)
         self.log = RankLog(self.folder, self.rank, trace=config.output.trace)
         self.checkpoints = Checkpointer(
             self.folder / "checkpoints", every_seconds=config.checkpoint.every_seconds,
@@ -224,11 +205,9 @@ class Trainer:
         """The dataset. One that is generated (it takes a `cache` folder, as mnist1d
         does) is generated once, by rank 0, into the run folder from the job's
         seed; the other ranks wait, sleeping, and read the cached file."""
-        name, params = self.config.data.name, dict(self.config.data.params)
+        name, params = self.config.data.name, self.config.dataset_params(self.folder)
         if "cache" not in DATASETS.params(name):
             return load_dataset(name, params)
-        params.setdefault("seed", self.config.seed)
-        params.setdefault("cache", str(self.folder / "data"))
         data = load_dataset(name, params) if self.rank == 0 else None
         done = self.comm.Ibarrier()
         while not done.Test():

@@ -20,10 +20,10 @@ import time
 import numpy as np
 
 from aau_mpi import checks
+from aau_mpi.settings import WATCHDOG_ACTIONS as ACTIONS
 from aau_mpi.world import report_and_abort
 
 EXIT_STALLED = 3
-ACTIONS = ("auto", "warn", "abort")
 
 
 class Watchdog:

@@ -22,10 +22,10 @@ from dataclasses import dataclass
 from mpi4py import MPI
 
 from aau_mpi.errors import UserError
+from aau_mpi.settings import DEVICES
 
 ABORT_GRACE_SECONDS = 0.5
 OFFSET_ROUNDS = 8          # ping-pongs per node leader; the fastest one is kept
-DEVICES = ("auto", "cpu", "cuda")
 
 _current = None            # the World that init() made
 

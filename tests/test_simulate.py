@@ -1,0 +1,231 @@
+"""The virtual-time simulator (aau_mpi.simulate): one process, no MPI, real policies.
+
+Every run is tiny (4-5 workers of logistic regression on the digits, a few
+hundred virtual steps) and times are virtual, so the assertions on time are
+exact arithmetic, never wall-clock measurements.
+"""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from aau_mpi.config import config_from_dict
+from aau_mpi.datasets import load_dataset, partition, shard_loader
+from aau_mpi.models import build_model
+from aau_mpi.policies import POLICIES
+from aau_mpi.simulate import Simulator, cli, main
+
+STEP = 0.01          # virtual seconds per step, given: no start-up measurement
+BASE = {"seed": 0, "policy": {"name": "dpsgd"}, "topology": {"name": "ring"},
+        "data": {"name": "digits", "batch_size": 16},
+        "model": {"name": "logreg"}, "optim": {"lr": 0.05, "momentum": 0.0},
+        "budget": {"seconds": 1.0}, "output": {"progress": False}}
+STRAGGLER = "stragglers={name: fixed, ranks: [1], slowdown: %g}"
+RANK_KEYS = {"iteration", "time", "compute", "wait", "deposit", "averaged", "staleness",
+             "step_scale", "loss", "samples", "lr"}
+EVAL_KEYS = {"evaluation", "time", "samples", "epochs", "accuracy", "loss", "rank_accuracy",
+             "rank_loss", "consensus_distance"}
+SUMMARY_KEYS = {"policy", "topology", "world_size", "accuracy", "loss", "seconds", "samples",
+                "iterations", "neighbours", "wait_share", "sleep_share", "stragglers",
+                "target_accuracy", "time_to_target", "exit", "simulated", "timing"}
+
+
+def simulate(tmp_path, ranks, *overrides, name="run"):
+    config = config_from_dict(BASE, overrides=list(overrides))
+    simulator = Simulator(config, ranks, step_seconds=STEP, folder=tmp_path / name)
+    return simulator, simulator.run()
+
+
+def read_lines(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+# ---- the run folder ------------------------------------------------------------
+
+def command(out, name, ranks=4, *extra):
+    return ["--config", "jobs/compare/aau.yaml", "--ranks", str(ranks), "--step-seconds",
+            "0.001", f"output.dir={out}", f"name={name}", "output.progress=false",
+            "model.name=logreg", "budget.epochs=3", "eval.every_epochs=1", *extra]
+
+
+def test_the_command_never_imports_mpi4py_and_leaves_the_trainers_run_folder(tmp_path):
+    script = ("import sys; from aau_mpi.simulate import main; main(sys.argv[1:]); "
+              "print('mpi4py imported' if 'mpi4py' in sys.modules else 'no mpi4py')")
+    result = subprocess.run([sys.executable, "-c", script, *command(tmp_path, "run")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().endswith("no mpi4py")
+    folder = tmp_path / "run"
+
+    assert {p.name for p in folder.iterdir()} == {
+        "config.yaml", "eval.jsonl", "summary.json", "model.h5",
+        *(f"rank-{r:05d}.jsonl" for r in range(4))}
+    for rank in range(4):
+        records = read_lines(folder / f"rank-{rank:05d}.jsonl")
+        assert [r["iteration"] for r in records] == list(range(len(records)))
+        assert RANK_KEYS <= set(records[0])
+    evals = read_lines(folder / "eval.jsonl")
+    assert [e["evaluation"] for e in evals] == [1, 2], "every epoch but the last (the end)"
+    assert all(set(e) == EVAL_KEYS and len(e["rank_accuracy"]) == 4 for e in evals)
+    summary = json.loads((folder / "summary.json").read_text())
+    assert SUMMARY_KEYS <= set(summary) and summary["simulated"] is True
+    assert summary["timing"]["step_seconds"] == 0.001 and summary["exit"] == "finished"
+    assert summary["samples"] >= 3 * 1437 and len(summary["iterations"]) == 4
+    assert "simulation:" in (folder / "config.yaml").read_text()
+
+    from aau_mpi.plot import main as plot
+    plot([str(folder), "--out", str(tmp_path / "plots")])
+    assert (tmp_path / "plots" / "accuracy.png").stat().st_size > 0
+
+
+def test_the_same_command_twice_gives_the_same_run(tmp_path):
+    for name in ("first", "second"):
+        main(command(tmp_path, name, 4, "stragglers={name: random, probability: 0.3, "
+                                        "scale: 0.002}"))
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert (first / "eval.jsonl").read_text() == (second / "eval.jsonl").read_text()
+    assert (first / "rank-00002.jsonl").read_text() == (second / "rank-00002.jsonl").read_text()
+    assert (json.loads((first / "summary.json").read_text())
+            == json.loads((second / "summary.json").read_text()))
+
+
+def test_beyond_64_workers_16_are_logged_and_evaluated_and_the_files_say_so(tmp_path):
+    simulator, summary = simulate(tmp_path, 80, "policy.name=async", "model.name=logreg",
+                                  "budget={samples: 2000}", "eval.every_epochs=1")
+    logged = summary["logged_ranks"]
+    assert len(logged) == 16 and logged[0] == 0 and logged[-1] == 79
+    assert sorted(p.name for p in (tmp_path / "run").glob("rank-*.jsonl")) == \
+        [f"rank-{r:05d}.jsonl" for r in logged]
+    record = read_lines(tmp_path / "run" / "eval.jsonl")[0]
+    assert record["evaluated_ranks"] == logged and len(record["rank_accuracy"]) == 16
+    assert len(summary["iterations"]) == 80
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--ranks", "0"], "--ranks must be an integer >= 1, got '0': e.g. --ranks 16"),
+    (["--ranks", "four"], "--ranks must be an integer >= 1"),
+    (["--ranks", "4", "--step-seconds", "-1"], "--step-seconds must be a number > 0"),
+    (["--ranks", "4", "topology={file: TOPOLOGY}"], "topology has 6 nodes but the job has 4"),
+    (["--ranks", "4", "stragglers={name: fixed, ranks: [9]}"], "stragglers.ranks [9] out of"),
+    (["--ranks", "5000"], "into 5000 non-empty parts: use fewer ranks"),
+])
+def test_bad_input_is_one_line_with_the_fix_and_exit_2(tmp_path, monkeypatch, capsys, args,
+                                                         message):
+    topology = tmp_path / "six.yaml"
+    topology.write_text("nodes: 6\nedges: [[0, 1], [1, 2], [2, 3], [3, 4], [4, 5], [5, 0]]\n")
+    args = [a.replace("TOPOLOGY", str(topology)) for a in args]
+    monkeypatch.setattr(sys, "argv", ["simulate", "--config", "jobs/demo.yaml",
+                                      f"output.dir={tmp_path}", *args])
+    with pytest.raises(SystemExit) as exit_:
+        cli()
+    assert exit_.value.code == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error: ") and "\n" not in error and message in error
+
+
+# ---- dpsgd is the synchronous recursion -------------------------------------------
+
+def metropolis_ring(n):
+    w = np.eye(n) / 3
+    for i in range(n):
+        w[i, (i - 1) % n] = w[i, (i + 1) % n] = 1 / 3
+    return lambda k: w
+
+
+def one_peer(n):
+    """W_k of the one-peer exponential graph, from its definition: (I + P_k) / 2."""
+    hops = [2 ** h for h in range((n - 1).bit_length())]
+
+    def weights(k):
+        w = np.eye(n) / 2
+        for i in range(n):
+            w[i, (i - hops[k % len(hops)]) % n] += 0.5
+        return w
+    return weights
+
+
+def recursion(n, iterations, lr, weights, batch_size=16, seed=0):
+    """x_{k+1} = W_k x_k - lr G_k for softmax regression, in float64 numpy, with the
+    trainer's partition, loader seeds and initial model."""
+    data = load_dataset("digits", {})
+    parts = partition(data.y_train.numpy(), n, "iid", seed=seed)
+    loaders = [shard_loader(data.x_train, data.y_train, parts[i], batch_size,
+                            seed=seed * 1000 + i) for i in range(n)]
+    torch.manual_seed(seed)
+    model = build_model("logreg", data.input_shape, data.num_classes)
+    w0, b0 = (p.detach().numpy().astype(np.float64) for p in model.parameters())
+    x = np.tile(np.concatenate([w0.ravel(), b0]), (n, 1))
+    for k in range(iterations):
+        g = np.empty_like(x)
+        for i, loader in enumerate(loaders):
+            a, y = (t.numpy() for t in next(loader))
+            a = a.reshape(len(a), -1).astype(np.float64)
+            w, b = x[i, :w0.size].reshape(w0.shape), x[i, w0.size:]
+            logits = a @ w.T + b
+            p = np.exp(logits - logits.max(1, keepdims=True))
+            p /= p.sum(1, keepdims=True)
+            p[np.arange(len(y)), y] -= 1
+            g[i] = np.concatenate([(p.T @ a).ravel(), p.sum(0)]) / len(y)
+        x = weights(k) @ x - lr * g
+    return x
+
+
+@pytest.mark.parametrize("topology,ranks,weights", [
+    ("ring", 5, metropolis_ring), ("exponential_one_peer", 4, one_peer)])
+def test_dpsgd_equals_the_synchronous_recursion(tmp_path, topology, ranks, weights):
+    iterations = 30
+    # The stop is taken after a step: a budget crossed by the first step of the
+    # last round lets every worker finish that round, and no more.
+    simulator, summary = simulate(tmp_path, ranks, f"topology.name={topology}",
+                                  f"budget={{samples: {ranks * 16 * (iterations - 1) + 1}}}")
+    assert summary["iterations"] == [iterations] * ranks
+    expected = recursion(ranks, iterations, 0.05, weights(ranks))
+    assert np.abs(simulator.parameters.numpy() - expected).max() <= 1e-5
+
+
+# ---- stragglers and policies ----------------------------------------------------
+
+def test_a_4x_straggler_does_a_quarter_of_the_iterations_under_async(tmp_path):
+    _, summary = simulate(tmp_path, 4, "policy.name=async", STRAGGLER % 4)
+    slow, fast = summary["iterations"][1], np.median(np.delete(summary["iterations"], 1))
+    assert slow / fast == pytest.approx(0.25, abs=0.02)
+
+
+def test_a_4x_straggler_makes_every_dpsgd_iteration_4x_longer(tmp_path):
+    for slowdown in (1, 4):
+        simulate(tmp_path, 4, STRAGGLER % slowdown, name=f"x{slowdown}")
+        for rank in range(4):
+            times = [r["time"] for r in read_lines(tmp_path / f"x{slowdown}" /
+                                                   f"rank-{rank:05d}.jsonl")]
+            assert np.median(np.diff(times)) == pytest.approx(slowdown * STEP, rel=1e-6)
+
+
+def test_aau_lets_the_fast_workers_do_more_iterations_than_dpsgd(tmp_path):
+    runs = {policy: simulate(tmp_path, 4, f"policy.name={policy}", STRAGGLER % 4,
+                             name=policy)[1] for policy in ("dpsgd", "aau")}
+    fast = {policy: min(np.delete(run["iterations"], 1)) for policy, run in runs.items()}
+    assert fast["aau"] > 2 * fast["dpsgd"]
+    assert runs["aau"]["seconds"] == pytest.approx(runs["dpsgd"]["seconds"], rel=0.05)
+
+
+def test_allreduce_keeps_every_worker_identical(tmp_path):
+    simulator, summary = simulate(tmp_path, 4, "policy.name=allreduce", STRAGGLER % 3,
+                                  "optim.momentum=0.9")
+    x = simulator.parameters
+    assert all(torch.equal(x[0], x[i]) for i in range(1, 4))
+    assert len(set(summary["iterations"])) == 1
+
+
+@pytest.mark.parametrize("policy", [*POLICIES.names(), "{name: aau, gamma: 0.5, tau: 2}",
+                                    "{name: fixed_k, k: 2}"])
+@pytest.mark.parametrize("topology", ["ring", "exponential_one_peer"])
+def test_no_policy_deadlocks_with_a_50x_straggler(tmp_path, policy, topology):
+    _, summary = simulate(tmp_path, 4, f"policy={policy}" if "{" in policy else
+                          f"policy.name={policy}", f"topology.name={topology}",
+                          STRAGGLER % 50, "budget.seconds=2.0")
+    assert summary["exit"] == "finished" and summary["seconds"] >= 2.0
+    assert min(summary["iterations"]) >= 1, "the straggler stepped too"
