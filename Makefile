@@ -30,8 +30,8 @@ export $(shell sed -n 's/^\([A-Za-z_][A-Za-z0-9_]*\)=.*/\1/p' scripts/mpi.env)
 TEST_TIMEOUT ?= 180
 RUN_TIMEOUT  ?= 600
 MPI_PYTEST = timeout -k 10 $(RUN_TIMEOUT) $(MPIEXEC) -n $(1) $(PY) -m mpi4py -m pytest \
-	--with-mpi -m mpi -p no:cacheprovider --color=no -q \
-	--timeout=$(TEST_TIMEOUT) --timeout-method=thread tests
+	--with-mpi -m mpi -p no:cacheprovider --color=no -q -rs \
+	--timeout=$(TEST_TIMEOUT) --timeout-method=thread $(2)
 
 .PHONY: setup demo test test-unit test-mpi bench bench-stragglers soak clean
 
@@ -54,11 +54,14 @@ demo: setup
 test: test-unit test-mpi
 
 test-unit: setup
-	timeout -k 10 $(RUN_TIMEOUT) $(PY) -m pytest -m "not mpi" -q --color=no --timeout=$(TEST_TIMEOUT) tests
+	timeout -k 10 $(RUN_TIMEOUT) $(PY) -m pytest -m "not mpi" -q -rs --color=no \
+		--timeout=$(TEST_TIMEOUT) --durations=15 tests
 
+# Every MPI test on NP ranks (4: the size they need), and the transport ones
+# on 2 as well (a ring of 2: the same neighbour on both sides).
 test-mpi: setup
-	$(call MPI_PYTEST,2)
-	$(call MPI_PYTEST,$(NP))
+	$(call MPI_PYTEST,2,tests/test_mailbox_mpi.py tests/test_world_mpi.py tests/test_control_mpi.py)
+	$(call MPI_PYTEST,$(NP),tests)
 
 # Installs Debian's Slurm if missing and allowed (root, apt); where it cannot,
 # the tests skip and say why. Each test module starts and stops its own cluster.

