@@ -21,7 +21,6 @@ from pathlib import Path
 import numpy as np
 
 from aau_mpi import evaluation
-from aau_mpi.doctor import median_seconds  # noqa: F401 (the benchmarks' timer, shared with the doctor)
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -48,6 +47,13 @@ def launch(command, timeout=None, env=None):
     result = subprocess.run([str(c) for c in command], cwd=REPO, env=env, timeout=timeout)
     if result.returncode != 0:
         raise SystemExit(f"error: {command[0]} exited with status {result.returncode}")
+
+
+def median_seconds(action, repeats=5):
+    """The doctor's timer, shared. Imported when first used: importing the doctor
+    starts MPI, which the torchrun (gloo) DDP workers that import this must not."""
+    from aau_mpi.doctor import median_seconds as timer
+    return timer(action, repeats)
 
 
 def machine():

@@ -21,7 +21,6 @@ deposit, where overlapping matters most. Prints a table, writes JSON.
 """
 
 import argparse
-import json
 import time
 from pathlib import Path
 

@@ -27,7 +27,6 @@ bytes and control round trips per step against N, per topology).
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -92,10 +91,8 @@ def train_new(world, topology, iterations, batch):
 
 def train_old(world, topology, iterations, batch):
     """An older checkout's Engine, as its trainer drove it (importable from PYTHONPATH)."""
-    import numpy as np
     import torch
     import torch.nn.functional as F
-    from mpi4py import MPI
     from aau_mpi.control import JobControl
     from aau_mpi.engine import Engine
     from aau_mpi.models import FlatParameters, build_model
