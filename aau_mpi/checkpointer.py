@@ -108,6 +108,11 @@ class Checkpointer:
         self._next_time = self.opt.training_seconds() + (self.every_seconds or math.inf)
         self._next_iteration = self.opt.iteration + (self.every_iterations or 0)
 
+    def reconnect(self):
+        """Collective among the survivors of a lost rank: go on numbering generations
+        after every survivor's newest (they report to a new control window)."""
+        self.generation = self.committed = self.opt.comm.allreduce(self.generation, op=MPI.MAX)
+
     def due(self):
         return ((self.every_seconds is not None
                  and self.opt.training_seconds() >= self._next_time)

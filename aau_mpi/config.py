@@ -48,7 +48,7 @@ from aau_mpi.optim import LR_SCALINGS, SCHEDULES, LearningRate
 from aau_mpi.policies import POLICIES
 from aau_mpi.registry import Registry, closest
 from aau_mpi.schedule import Schedule
-from aau_mpi.settings import DEVICES, OVERLAP_MODES, WATCHDOG_ACTIONS
+from aau_mpi.settings import DEVICES, ON_RANK_LOSS, OVERLAP_MODES, WATCHDOG_ACTIONS
 from aau_mpi.stragglers import STRAGGLERS
 from aau_mpi.topology import GENERATORS
 
@@ -157,6 +157,11 @@ class WatchdogConfig:
 
 
 @dataclass
+class FaultsConfig:
+    on_rank_loss: str = "abort"      # continue: the survivors go on (Open MPI --with-ft ulfm)
+
+
+@dataclass
 class MailboxConfig:
     checksum: bool = False           # crc32 every deposit, verify every read
     overlap: str = "auto"            # thread | inline | auto (aau_mpi.depositor)
@@ -185,6 +190,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
     mailbox: MailboxConfig = field(default_factory=MailboxConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     # Notes about the input (ignored parameters): not part of the config itself.
     warnings: list = field(default_factory=list, compare=False, repr=False)
@@ -333,6 +339,7 @@ PLAIN_SECTIONS = {
                                   "action": _Field("str", WATCHDOG_ACTIONS)}),
     "mailbox": (MailboxConfig, {"checksum": _Field("bool"),
                                 "overlap": _Field("str", OVERLAP_MODES)}),
+    "faults": (FaultsConfig, {"on_rank_loss": _Field("str", ON_RANK_LOSS)}),
     "output": (OutputConfig, {"dir": _Field("path"),
                               "trace": _Field("bool"),
                               "progress": _Field("bool")}),

@@ -64,6 +64,7 @@ class JobEvents:
         self.preempted = False
         self.word = 0                     # the newest event word this rank has seen
         self.served = 0                   # events of this job served by this rank
+        self.completed = 0                # ... of which evaluations that ran to their end
         self.stopped = False
         self.excluded = 0.0               # evaluation seconds in this job
         self.started = clock()
@@ -73,15 +74,17 @@ class JobEvents:
 
     # ---- clocks and progress ----------------------------------------------
 
-    def restore(self, own_samples, seconds_before, evaluations_before):
-        """Collective (a resume): continue from a checkpoint's counters.
+    def restore(self, own_samples, seconds_before, evaluations_before, samples=None):
+        """Collective (a resume, or survivors going on): continue from these counters.
 
-        The global count restarts from every rank's samples together, the
+        The global count restarts from every rank's samples together (or from
+        `samples`, what the survivors of a lost rank last saw of it), the
         training clock from the latest rank's, and the evaluation numbering
         from the largest, or from the evaluation points already passed when
         the interval changed (not a burst of evaluations at once).
         """
-        samples = self.comm.allreduce(own_samples)
+        if samples is None:
+            samples = self.comm.allreduce(own_samples)
         seconds = self.comm.allreduce(seconds_before, op=MPI.MAX)
         passed = [seconds // self.schedule.eval_seconds if self.schedule.eval_seconds else 0,
                   samples // self.schedule.eval_samples if self.schedule.eval_samples else 0]
@@ -110,7 +113,7 @@ class JobEvents:
     @property
     def evaluations(self):
         """Evaluations done so far, this job's and those before it."""
-        return self.evaluations_before + self.served - (1 if self.stopped else 0)
+        return self.evaluations_before + self.completed
 
     @property
     def reason(self):
@@ -181,6 +184,7 @@ class JobEvents:
         started = self.clock()
         if self.on_evaluation is not None:
             self.on_evaluation(number)
+        self.completed += 1
         self.excluded += self.clock() - started
 
     # ---- preemption ----------------------------------------------------------

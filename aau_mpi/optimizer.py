@@ -30,6 +30,7 @@ Layers: the mailbox (transport) knows nothing of policies; the policy
 a torch model, and the trainer (aau_mpi.train) is one user of it.
 """
 
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -37,6 +38,7 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
+from aau_mpi import checks
 from aau_mpi.depositor import Depositor, use_thread
 from aau_mpi.errors import UserError
 from aau_mpi.events import JobEvents
@@ -44,8 +46,11 @@ from aau_mpi.mailbox import Backoff, Mailbox
 from aau_mpi.parameters import FlatParameters, HostStaging
 from aau_mpi.policies import Policy, build_policy
 from aau_mpi.schedule import PREEMPTED, Schedule
+from aau_mpi.settings import ON_RANK_LOSS
 from aau_mpi.stragglers import Straggler, build_straggler, slow_down
-from aau_mpi.topology import Graph, load_topology
+from aau_mpi.survivors import (LossDetector, RankLost, errors_return, is_rank_loss, revoke,
+                               shrink, ulfm_available, unsupported_reason)
+from aau_mpi.topology import Graph, load_topology, without
 from aau_mpi.watchdog import Watchdog, neighbour_report
 from aau_mpi.world import current_world, install_abort_hook
 
@@ -163,7 +168,7 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
     def __init__(self, optimizer, model, *, policy="aau", topology="ring", world=None,
                  batch_size=1, schedule=None, on_evaluation=None, stragglers=None,
                  watchdog=300.0, checkpoints=None, checksum=False, overlap="auto",
-                 on_iteration=None, handle_signals=True):
+                 on_iteration=None, handle_signals=True, on_rank_loss="abort"):
         world = world or current_world()
         if world is None:
             install_abort_hook()  # so that this error is one line and ends the job
@@ -174,36 +179,41 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
                             f"{type(optimizer).__name__}: pass e.g. torch.optim.SGD(model."
                             f"parameters(), lr=0.1)")
         self.world, self.optimizer, self.model = world, optimizer, model
-        self.rank, self.size = world.rank, world.size
-        # Private communicators: the user's own collectives (on world.comm)
-        # can never be started in a different order from ours.
-        self.comm = world.comm.Dup()
-        self._events_comm = world.comm.Dup()
+        self.original_rank = world.rank
+        self.on_rank_loss = self._rank_loss_mode(on_rank_loss, world)
+        # The job's communicator (the survivors' after a lost rank), whose
+        # errors return instead of aborting when lost ranks are survived.
+        self._base = world.comm.Dup()
+        if self.on_rank_loss == "continue":
+            errors_return(self._base)
+        self.rank, self.size = self._base.Get_rank(), self._base.Get_size()
+        self._topology, self._policy_arg, self._overlap = topology, policy, overlap
+        self._checksum, self._schedule, self._on_evaluation = checksum, schedule, on_evaluation
         self.graph = _resolve_topology(topology, self.size)
         self.policy = _resolve_policy(policy, self.graph, self.rank)
+        if self.on_rank_loss == "continue" and not hasattr(self.policy, "spec"):
+            raise UserError("on_rank_loss=continue rebuilds the policy for the survivors' graph: "
+                            "pass policy= as a name or a dict, or build it with "
+                            "aau_mpi.build_policy")
         self.straggler = _resolve_straggler(stragglers, self.rank, self.size)
         self.watchdog = watchdog if isinstance(watchdog, Watchdog) else Watchdog(watchdog)
-        self.watchdog.bind(world.comm, self.rank)
         self.batch_size = int(batch_size)
         self.on_iteration = on_iteration
         self.checkpoints = checkpoints
+        self.lost_ranks = []  # {"rank": original rank, "time": training seconds, ...} per loss
+        self._surviving_depth = 0
 
         self.params = FlatParameters(model)
         self._check_optimizer_covers_model()
-        self._check_same_model()
+        self._check_same_model(self._base)
         self._broadcast_initial_model()
         self.device = self.params.device
         self.poll_cap = POLL_CAP * max(1.0, world.local_size / (2 * world.cores_per_node)) ** 2
         self.k = 0
         self.closed = False
         self.last = None
-
-        self.mailbox = self.depositor = self._staging = None
+        self._staging = None
         if self.policy.uses_mailbox:
-            self.mailbox = Mailbox(self.comm, self.graph.in_neighbours(self.rank),
-                                   self.graph.out_neighbours(self.rank), self.params.numel,
-                                   self.policy.slots_per_neighbour, world.clock, checksum)
-            self.depositor = Depositor(self.mailbox, use_thread(overlap, world, self.device))
             if self.device.type == "cuda":
                 self._staging = HostStaging(self.params.flat)
             self._mix = torch.empty_like(self.params.flat)
@@ -213,17 +223,54 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
                                       device=self.device)
             self._host_grads = (self._grads.numpy() if self.device.type == "cpu" else
                                 np.empty(self.params.param_numel, np.float32))
-        self.events = JobEvents(self.comm, schedule or Schedule(), world.clock,
-                                lockstep=not self.policy.uses_mailbox,
-                                on_evaluation=on_evaluation,
-                                barrier=lambda: self._wait_all(self._events_comm.Ibarrier(),
-                                                               "an evaluation"))
+        self._connect()
         if handle_signals:
             self.events.handle_signals()
         if checkpoints is not None:
             checkpoints.attach(self)
         self._deposit()
         self._returned_at = self._now()
+
+    def _rank_loss_mode(self, on_rank_loss, world):
+        checks.choice("on_rank_loss", on_rank_loss, ON_RANK_LOSS)
+        reason = unsupported_reason() if on_rank_loss == "continue" else None
+        if reason:
+            if world.rank == 0:
+                print(f"warning: {reason}", file=sys.stderr, flush=True)
+            return "abort"
+        return on_rank_loss
+
+    def _connect(self, events_state=None):
+        """Collective over self._base: everything that depends on who takes part.
+
+        Private communicators (the user's own collectives, on `job_comm` or
+        the world's, can never be started in a different order from ours), the
+        mailbox on the graph, the communication thread, the job-wide events
+        (restarted from `events_state` after a lost rank) and the loss detector.
+        """
+        base = self._base
+        self.comm, self._events_comm, self.job_comm = base.Dup(), base.Dup(), base.Dup()
+        self.watchdog.bind(self.job_comm, self.rank)
+        self.mailbox = self.depositor = None
+        if self.policy.uses_mailbox:
+            self.mailbox = Mailbox(self.comm, self.graph.in_neighbours(self.rank),
+                                   self.graph.out_neighbours(self.rank), self.params.numel,
+                                   self.policy.slots_per_neighbour, self.world.clock,
+                                   self._checksum)
+            self.depositor = Depositor(self.mailbox,
+                                       use_thread(self._overlap, self.world, self.device))
+        previous = getattr(self, "events", None)
+        self.events = JobEvents(self.comm, self._schedule or Schedule(), self.world.clock,
+                                lockstep=not self.policy.uses_mailbox,
+                                on_evaluation=self._on_evaluation,
+                                barrier=lambda: self._wait_all(self._events_comm.Ibarrier(),
+                                                               "an evaluation"))
+        if previous is not None:
+            self.events.preempted = previous.preempted
+            self.events.restore(*events_state)
+        # Under ULFM a dead rank no longer ends the job by itself, and RMA never
+        # reports one: the detector sees it, for either mode.
+        self.detector = LossDetector(base) if ulfm_available() else None
 
     # ---- set-up checks -------------------------------------------------------
 
@@ -233,10 +280,10 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
             raise UserError("the torch optimizer updates tensors that are not the model's "
                             "parameters: build it from model.parameters() of the model you pass")
 
-    def _check_same_model(self):
+    def _check_same_model(self, comm):
         """Collective: every rank must train the same architecture."""
         shapes = [tuple(p.shape) for p in self.params.params]
-        everyone = self.comm.allgather((self.params.numel, hash(tuple(shapes))))
+        everyone = comm.allgather((self.params.numel, hash(tuple(shapes))))
         if len(set(everyone)) > 1:
             numels = sorted({n for n, _ in everyone})
             raise UserError(f"ranks built different models ({len(set(everyone))} kinds; "
@@ -245,7 +292,7 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
     def _broadcast_initial_model(self):
         """Spec section 3: x_0 identical on every rank (rank 0's)."""
         host = self.params.host_copy()
-        self.comm.Bcast(host, root=0)
+        self._base.Bcast(host, root=0)
         if self.params.device.type != "cpu":
             self.params.load_(host)
 
@@ -330,8 +377,20 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
         compute = started - self._returned_at
         delay = slow_down(self.straggler, compute, started)
         self.policy.computed(compute + delay)
+        record = Iteration(self.k, started, compute + delay, 0.0, 0.0, 0.0, 0.0, 0.0,
+                           delay=delay)
+        # A lost rank found while waiting: the survivors rebuild, and this step
+        # starts over on their graph (nothing of it was applied yet).
+        while not self._surviving(self._update, record):
+            record.averaged, record.staleness = [], []
+        self._surviving(self._after_update, record)
+        self._returned_at = self._now()
+        return loss
+
+    def _update(self, record):
+        """Wait for the policy, mix, take the local step, start the next deposit."""
         k = self.k
-        record = Iteration(k, started, compute + delay, 0.0, 0.0, 0.0, 0.0, 0.0, delay=delay)
+        record.iteration = k
         waiting = self._now()
         if self.mailbox:
             selection = self._select(k)
@@ -348,10 +407,14 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
         record.step_seconds = self._now() - stepping
         self.k += 1
         self._deposit()
+
+    def _after_update(self, record):
+        """Count the samples (job-wide events), watch the neighbours, report, checkpoint."""
         counting = self._now()
         self.events.count(self.batch_size)
         record.control_seconds = self._now() - counting
         self.watchdog.reset()
+        self._check_for_loss()
         if self.mailbox:
             self._watch_silent_neighbours()
         record.time = self._now()
@@ -360,8 +423,6 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
             self.on_iteration(record)
         if self.checkpoints is not None and not self.events.stopped and self.checkpoints.due():
             self.checkpoints.write()
-        self._returned_at = self._now()
-        return loss
 
     def _select(self, k):
         """Poll until the policy selects. Between polls the policy is asked again only
@@ -380,6 +441,7 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
                 if selection is not None:
                     return selection
             backoff.wait()
+            self._check_for_loss()
             self.events.poll()
             self.watchdog.waiting(None, self._inspect_neighbours, self.policy.synchronous)
 
@@ -500,8 +562,12 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
         """Complete a collective's request; the watchdog ends the job if a rank
         never arrives (nobody can go on without it)."""
         self.watchdog.reset()
-        wait_for(request, lambda: self.watchdog.waiting(what), self.poll_cap)
+        wait_for(request, lambda: self._waiting_in(what), self.poll_cap)
         self.watchdog.reset()
+
+    def _waiting_in(self, what):
+        self._check_for_loss()
+        self.watchdog.waiting(what)
 
     def averaged(self):
         """Collective context manager: the model holds the average of all ranks' models
@@ -568,21 +634,31 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
 
         A final deposit marked done comes first, so no neighbour waits for this
         rank while it waits here; until every rank is here it keeps serving
-        evaluations. Returns the model, which then holds the average x_bar.
+        evaluations. Returns the model, which then holds the average x_bar (of
+        the survivors, after a lost rank).
         """
         self._check_open()
-        if self.mailbox:
-            self._deposit(done=True)
-        if self.checkpoints is not None:
-            self.checkpoints.write(final=True)
-        own, average = self._average(self.comm, self._serve_while_finishing)
+        result = {}
+
+        def final():
+            if self.mailbox:
+                self._deposit(done=True)
+            if self.checkpoints is not None:
+                self.checkpoints.write(final=True)
+            result["own"], result["average"] = self._average(self.comm,
+                                                             self._serve_while_finishing)
+        while not self._surviving(final):
+            pass
+        average = result["average"]
         self.params.load_(average)
         if self.mailbox:
             self.depositor.close()
             self.mailbox.close()
         self.events.close()
-        self.comm.Free()
-        self._events_comm.Free()
+        if self.detector is not None:
+            self.detector.close()
+        for comm in (self.comm, self._events_comm):
+            comm.Free()
         self.closed = True
         if not torch.isfinite(average).all():
             raise UserError("training diverged: the averaged parameters hold NaN or inf: "
@@ -590,8 +666,89 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
         return self.model
 
     def _serve_while_finishing(self):
+        self._check_for_loss()
         self.events.poll()
         self.watchdog.waiting("the final average")
+
+    # ---- a lost rank ---------------------------------------------------------
+
+    def _check_for_loss(self):
+        if self.detector is not None:
+            self.detector.check()
+
+    def _surviving(self, action, *args):
+        """Run `action`; True when it completed. When a rank of the job was lost
+        (and on_rank_loss is continue), the survivors rebuild and False comes back:
+        the caller decides whether to run its action again.
+
+        Only the outermost call rebuilds: a loss inside an evaluation that a
+        step serves unwinds the whole step, on every rank alike, so that no
+        rank retries the evaluation while the others train on (the restored
+        events skip it: its evaluation point has passed)."""
+        if self._surviving_depth:
+            action(*args)
+            return True
+        self._surviving_depth += 1
+        try:
+            action(*args)
+            return True
+        except Exception as error:  # noqa: BLE001 (only a lost rank is survived)
+            if not (isinstance(error, RankLost) or is_rank_loss(error)):
+                raise
+            if self.on_rank_loss != "continue":
+                raise UserError("a rank of the job was lost: ending the job (faults."
+                                "on_rank_loss: continue keeps the survivors training, under "
+                                "mpirun --with-ft ulfm)") from None
+        finally:
+            self._surviving_depth -= 1
+        self._recover()
+        return False
+
+    def _recover(self):
+        """Collective among the survivors: agree on who is left, rebuild, go on.
+
+        Revoke what we communicate on (ranks blocked in a collective return),
+        shrink the job's communicator, and rebuild on it: the graph without the
+        lost ranks (aau_mpi.topology.without), the policy for it (its state
+        reset: it described the old neighbours), new windows (the old ones are
+        left, not freed: that would be collective with a dead member), the
+        job-wide events from what the survivors saw (the largest sample count,
+        training time and number of finished evaluations; an evaluation the
+        loss interrupted is skipped), and a deposit of every survivor's
+        current model. Synchronous policies go on from the largest iteration.
+        """
+        revoke(self.detector.comm, self.comm, self._events_comm, self.job_comm, self._base)
+        if self.depositor is not None:
+            self.depositor.close()
+        self._abandoned = getattr(self, "_abandoned", []) + [
+            (self.mailbox, self.events, self.detector, self.comm, self._events_comm,
+             self.job_comm, self._base)]
+        seen = (self.events.samples, self.events.training_seconds(), self.events.evaluations)
+        originals = getattr(self, "_originals", list(range(self.world.size)))
+        self._base, lost = shrink(self._base)
+        self._originals = [r for i, r in enumerate(originals) if i not in lost]
+        self.rank, self.size = self._base.Get_rank(), self._base.Get_size()
+        samples, seconds, evaluations = (self._base.allreduce(value, op=MPI.MAX)
+                                         for value in seen)
+        # What the lost ranks had counted: the job's count less the survivors' own.
+        theirs = max(0, samples - self._base.allreduce(self.events.own_samples))
+        self.graph = without(self.graph, lost)
+        self.policy = build_policy(*self.policy.spec[:1], self.graph, self.rank,
+                                   self.policy.spec[1])
+        if self.policy.synchronous:
+            self.k = self._base.allreduce(self.k, op=MPI.MAX)
+        self._connect(events_state=(self.events.own_samples, seconds, evaluations, samples))
+        lost = [originals[r] for r in lost]
+        self.lost_ranks.append({"ranks": lost, "time": round(seconds, 6), "samples": samples,
+                                "their_samples": theirs, "ranks_left": self.size})
+        if self.checkpoints is not None:
+            self.checkpoints.reconnect()
+        if self.rank == 0:
+            print(f"[rank {self.original_rank}] ranks {lost} lost at {seconds:.1f} s of "
+                  f"training: going on with {self.size} ranks on {self.graph.name}",
+                  file=sys.stderr, flush=True)
+        self.watchdog.reset()
+        self._deposit()
 
 
 class _Averaged:
@@ -603,9 +760,15 @@ class _Averaged:
 
     def __enter__(self):
         opt = self.opt
-        self.own, average = opt._average(opt._events_comm,
-                                         lambda: opt.watchdog.waiting("an average"))
-        opt.params.load_(average)
+        result = {}
+
+        def average():
+            result["own"], result["average"] = opt._average(
+                opt._events_comm, lambda: opt._waiting_in("an average"))
+        while not opt._surviving(average):
+            pass
+        self.own = result["own"]
+        opt.params.load_(result["average"])
         return self
 
     def __exit__(self, *exc):

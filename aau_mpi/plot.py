@@ -105,7 +105,9 @@ def load_run(folder):
     config = _read_config(config_path) if config_path.is_file() else {}
     return Run(label=_default_label(folder, config), folder=folder, config=config,
                ranks={rank: _read_jsonl(rank_paths[rank]) for rank in sorted(rank_paths)},
-               evals=_read_jsonl(eval_path) if eval_path.is_file() else [],
+               # eval.jsonl also notes lost ranks ({"lost_ranks": ...}): evaluations only.
+               evals=[e for e in _read_jsonl(eval_path) if "lost_ranks" not in e]
+               if eval_path.is_file() else [],
                summary=_read_summary(summary_path) if summary_path.is_file() else None)
 
 

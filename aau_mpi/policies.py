@@ -323,5 +323,9 @@ class AAU(Policy):
 
 
 def build_policy(name, graph, rank, params=None):
-    """The policy registered as `name`, for this rank of `graph`."""
-    return POLICIES.build(name, params, graph, rank)
+    """The policy registered as `name`, for this rank of `graph`. It remembers how it
+    was built (`spec`), so that it can be built again for another graph (a job
+    that lost a rank goes on with the survivors' graph)."""
+    policy = POLICIES.build(name, params, graph, rank)
+    policy.spec = (name, dict(params or {}))
+    return policy

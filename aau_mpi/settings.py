@@ -8,3 +8,4 @@ which would start MPI.
 DEVICES = ("auto", "cpu", "cuda")                 # aau_mpi.world.init(device=)
 OVERLAP_MODES = ("auto", "thread", "inline")      # aau_mpi.depositor.use_thread
 WATCHDOG_ACTIONS = ("auto", "warn", "abort")      # aau_mpi.watchdog.Watchdog
+ON_RANK_LOSS = ("abort", "continue")              # aau_mpi.survivors, faults.on_rank_loss

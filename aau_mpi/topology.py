@@ -410,7 +410,61 @@ def erdos_renyi(n, p=0.5, seed=0):
 
 def generate(name, n, params=None):
     """The graph from generator `name` for n ranks, params checked by name."""
-    return GENERATORS.build(name, params, checks.integer("the world size n", n, 1))
+    graph = GENERATORS.build(name, params, checks.integer("the world size n", n, 1))
+    graph.generator = (name, dict(params or {}))  # how to build it again for other sizes
+    return graph
+
+
+def without(graph, lost):
+    """The graph of the ranks left when the ranks in `lost` died, numbered 0..n-1 in order.
+
+    A generated graph is generated again for the new size (so a ring stays a
+    ring and the one-peer graph keeps its hops); where that is impossible
+    (a torus whose rows no longer divide n) or the graph came from an edge
+    list, the lost nodes and their edges are removed and, if that splits the
+    graph, each part is joined to the next by one edge (both ways when
+    directed) between their lowest-numbered nodes.
+    """
+    lost = set(lost)
+    keep = [i for i in range(graph.n) if i not in lost]
+    generator = getattr(graph, "generator", None)
+    if generator is not None:
+        try:
+            return generate(generator[0], len(keep), generator[1])
+        except UserError:
+            pass
+    number = {old: new for new, old in enumerate(keep)}
+    edges = {(number[i], number[j]) for i, j in graph.edges if i in number and j in number}
+    survivors = Graph(len(keep), sorted(edges), directed=graph.directed,
+                      name=f"{graph.name} without ranks {sorted(lost)}")
+    parts = _components(survivors)
+    for a, b in zip(parts, parts[1:]):
+        edges.add((min(a), min(b)))
+        if graph.directed:
+            edges.add((min(b), min(a)))
+    if len(parts) > 1:
+        survivors = Graph(len(keep), sorted(edges), directed=graph.directed,
+                          name=f"{graph.name} without ranks {sorted(lost)}, reconnected")
+    return survivors
+
+
+def _components(graph):
+    """The weakly connected components, as sets of nodes, in order of their lowest node."""
+    neighbours = [set(graph.in_neighbours(i)) | set(graph.out_neighbours(i))
+                  for i in range(graph.n)]
+    seen, parts = set(), []
+    for start in range(graph.n):
+        if start in seen:
+            continue
+        part, queue = {start}, deque([start])
+        while queue:
+            for nxt in neighbours[queue.popleft()]:
+                if nxt not in part:
+                    part.add(nxt)
+                    queue.append(nxt)
+        seen |= part
+        parts.append(part)
+    return parts
 
 
 # ---- loading ---------------------------------------------------------------

@@ -137,6 +137,7 @@ class Trainer:
             every_iterations=config.checkpoint.every_iterations, keep=config.checkpoint.keep,
             extra_state=self._extra_state, config_yaml=config.to_yaml(), meta=self._identity())
         self.last_accuracy, self.time_to_target = None, None
+        self._lost_noted = 0
         self.loss, self.base_lr = math.nan, optim.lr
         self.opt = DecentralizedOptimizer(
             sgd, self.model, policy=policy, topology=self.graph, world=world,
@@ -145,6 +146,7 @@ class Trainer:
             watchdog=Watchdog(config.watchdog.seconds, config.watchdog.action),
             checkpoints=self.checkpoints if config.checkpoint.enabled else None,
             checksum=config.mailbox.checksum, overlap=config.mailbox.overlap,
+            on_rank_loss=config.faults.on_rank_loss,
             on_iteration=self._log_iteration)
         if manifest is not None:
             self._restore(manifest)
@@ -233,7 +235,7 @@ class Trainer:
     def _evaluate(self, number):
         """Collective: every rank's model, the average, consensus distance."""
         at = self.opt.training_seconds()
-        record = evaluate_job(self.opt, self.comm, self.x_test, self.y_test,
+        record = evaluate_job(self.opt, self.opt.job_comm, self.x_test, self.y_test,
                               self.config.data.eval_batch_size)
         if record is not None:
             samples = self.opt.samples
@@ -272,11 +274,21 @@ class Trainer:
                                 f"(now {config.optim.lr:g}) or add optim.warmup; "
                                 f"{self._checkpoint_hint()}")
             opt.step()
+            self._note_lost_ranks()
             progress.update(opt.samples, opt.training_seconds(), self.loss, self.last_accuracy)
         progress.update(opt.samples, opt.training_seconds(), self.loss, self.last_accuracy,
                         force=True)
         progress.close()
         return self._finish()
+
+    def _note_lost_ranks(self):
+        """After the survivors went on without a rank: one line in eval.jsonl, by the
+        survivors' rank 0, saying which ranks, when and how many are left."""
+        for loss in self.opt.lost_ranks[self._lost_noted:]:
+            if self.opt.rank == 0:
+                append_json_line(self.folder / "eval.jsonl", {"lost_ranks": loss["ranks"],
+                                                              **loss})
+        self._lost_noted = len(self.opt.lost_ranks)
 
     def _finish(self):
         """Collective: average, checkpoint, evaluate, save; returns the exit code."""
@@ -287,17 +299,22 @@ class Trainer:
                  "control_round_trips": opt.events.control.round_trips,
                  **self.log.totals(seconds)}
         preempted = opt.preempted
-        opt.finish()  # the model now holds the average of all ranks
-        seconds = self.comm.allreduce(opt.training_seconds(), op=MPI.MAX)
-        samples = self.comm.allreduce(opt.events.own_samples)
+        opt.finish()  # the model now holds the average of all ranks (the survivors)
+        self._note_lost_ranks()
+        comm = opt.job_comm
+        seconds = comm.allreduce(opt.training_seconds(), op=MPI.MAX)
+        samples = (comm.allreduce(opt.events.own_samples)
+                   + sum(loss["their_samples"] for loss in opt.lost_ranks))
         self.log.close()
-        rows = self.comm.gather(stats, root=0)
+        rows = comm.gather(stats, root=0)
         loss, correct = loss_and_correct(self.model, self.x_test, self.y_test,
                                          self.config.data.eval_batch_size)
-        if self.rank == 0:
+        if opt.rank == 0:
             n = len(self.y_test)
             summary = {"policy": self.config.policy.name, "topology": self.graph.name,
-                       "world_size": self.size, "accuracy": correct / n, "loss": loss / n,
+                       "world_size": self.size, "finished_ranks": opt.size,
+                       "lost_ranks": opt.lost_ranks,
+                       "accuracy": correct / n, "loss": loss / n,
                        "seconds": seconds, "samples": samples,
                        "iterations": [r["iterations"] for r in rows],
                        "neighbours": [r["neighbours"] for r in rows],

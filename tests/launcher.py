@@ -29,20 +29,21 @@ def launcher_required():
     return pytest.mark.skipif(not MPIEXEC.exists(), reason=f"no mpiexec beside {sys.executable}")
 
 
-def command(ranks, *args):
-    return [str(MPIEXEC), "-n", str(ranks), sys.executable, "-m", "aau_mpi.train", *args]
+def command(ranks, *args, launcher_args=()):
+    return [str(MPIEXEC), *launcher_args, "-n", str(ranks), sys.executable, "-m",
+            "aau_mpi.train", *args]
 
 
-def launch(ranks, *args, timeout=150):
+def launch(ranks, *args, timeout=150, launcher_args=()):
     """Run a job to its end; a job that outlives `timeout` is a failure (a hang)."""
-    return subprocess.run(command(ranks, *args), cwd=REPO, env=ENV, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(command(ranks, *args, launcher_args=launcher_args), cwd=REPO, env=ENV,
+                          capture_output=True, text=True, timeout=timeout)
 
 
-def start(ranks, *args):
+def start(ranks, *args, launcher_args=()):
     """Start a job in the background; the caller communicates and kills it."""
-    return subprocess.Popen(command(ranks, *args), cwd=REPO, env=ENV, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(command(ranks, *args, launcher_args=launcher_args), cwd=REPO,
+                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def rank_pids(launcher):

@@ -32,6 +32,7 @@ FULL = {
     "checkpoint": {"enabled": False, "every_iterations": 100, "keep": 3},
     "watchdog": {"seconds": 30.0, "action": "warn"},
     "mailbox": {"checksum": True, "overlap": "inline"},
+    "faults": {"on_rank_loss": "continue"},
     "output": {"dir": "out", "trace": True, "progress": False},
 }
 

@@ -1,0 +1,109 @@
+"""Losing a rank without losing the job: detect the loss, agree on the survivors, shrink.
+
+Only Open MPI with ULFM can do it (`mpirun --with-ft ulfm`; measured in
+docs/reliability.md, "Losing a rank: what the MPI does"): MPICH's launcher
+kills a SIGKILLed rank's whole node, and without ULFM Open MPI's ends the
+job. What the probes showed, and what this module is built on:
+
+- RMA never reports a death: deposits into a dead neighbour, and atomics on a
+  dead rank 0's control words, succeed silently on one node. So the mailbox
+  is not the detector. A pending receive from ANY_SOURCE on a communicator of
+  its own is: ULFM fails it (MPI_ERR_PROC_FAILED_PENDING) once any process
+  of the communicator has failed (seen here 0.3-0.4 s after a SIGKILL, 4 ranks
+  on 2 loaded cores). Nobody ever sends to it; `LossDetector.check()` tests it
+  wherever a rank polls anyway. The first rank to notice revokes the
+  detector's communicator, so the others' detectors fail at once
+  (MPI_ERR_REVOKED), and revokes the communicators collectives run on, so a
+  rank blocked in one returns.
+- The survivors then `Shrink` the job's communicator: a new one of the
+  living ranks, in the same order. The windows of the old communicator are
+  left as they are (freeing is collective over a communicator with a dead
+  member; leaking two windows per loss is the safe side).
+- A rank must die by a signal (or its node) to be seen: one that exits
+  without MPI_Finalize is not detected by Open MPI's ULFM and makes Shrink
+  wait. aau_mpi's own errors call MPI_Abort, which ends every rank.
+"""
+
+import os
+
+from mpi4py import MPI
+
+
+DETECTOR_TAG = 31_337
+# The error classes of a lost rank under ULFM (MPI 4.1 / ULFM's MPIX_ names).
+LOSS_CLASSES = (MPI.ERR_PROC_FAILED, MPI.ERR_PROC_FAILED_PENDING, MPI.ERR_REVOKED)
+
+
+class RankLost(Exception):
+    """A rank of the job died; the survivors must shrink and go on."""
+
+
+def is_rank_loss(error):
+    return isinstance(error, MPI.Exception) and error.Get_error_class() in LOSS_CLASSES
+
+
+def ulfm_available():
+    """True under Open MPI started with `mpirun --with-ft ulfm` (which sets
+    OMPI_MCA_mpi_ft_enable=1 for the ranks)."""
+    return ("Open MPI" in MPI.Get_library_version()
+            and os.environ.get("OMPI_MCA_mpi_ft_enable", "0").lower() in ("1", "true", "yes"))
+
+
+def unsupported_reason():
+    """One line saying why a lost rank must end the job here, or None."""
+    if ulfm_available():
+        return None
+    if "Open MPI" in MPI.Get_library_version():
+        return ("on_rank_loss=continue needs Open MPI's fault tolerance: launch with "
+                "`mpirun --with-ft ulfm`; until then a lost rank ends the job")
+    return ("on_rank_loss=continue needs Open MPI with ULFM (`mpirun --with-ft ulfm`); this "
+            "MPI's launcher ends the job when a rank dies (MPICH kills the rank's whole node)")
+
+
+def errors_return(comm):
+    """Make MPI calls on `comm` raise instead of aborting the job."""
+    comm.Set_errhandler(MPI.ERRORS_RETURN)
+    return comm
+
+
+class LossDetector:
+    """A receive nobody sends to, on a communicator of its own: it fails when a rank dies."""
+
+    def __init__(self, comm):
+        self.comm = errors_return(comm.Dup())
+        self._buffer = bytearray(1)
+        self._request = self.comm.Irecv(self._buffer, source=MPI.ANY_SOURCE, tag=DETECTOR_TAG)
+
+    def check(self):
+        """Raise RankLost when a rank of the communicator died (cheap: one Test)."""
+        try:
+            self._request.Test()
+        except MPI.Exception as error:
+            if is_rank_loss(error):
+                raise RankLost(str(error)) from None
+            raise
+
+    def close(self):
+        """Collective, in a healthy job: complete the receive, free the communicator."""
+        self.comm.Send(self._buffer, dest=self.comm.Get_rank(), tag=DETECTOR_TAG)
+        self._request.Wait()
+        self.comm.Free()
+
+
+def revoke(*comms):
+    """Revoke communicators so that every rank's pending and future calls on them
+    fail (a rank blocked in a collective returns); errors on dead ones are moot."""
+    for comm in comms:
+        try:
+            comm.Revoke()
+        except MPI.Exception:
+            pass
+
+
+def shrink(comm):
+    """Collective among the survivors of `comm`: (their communicator, the lost ranks of `comm`)."""
+    survivors = errors_return(comm.Shrink())
+    kept = MPI.Group.Translate_ranks(survivors.Get_group(), list(range(survivors.Get_size())),
+                                     comm.Get_group())
+    lost = sorted(set(range(comm.Get_size())) - set(kept))
+    return survivors, lost
