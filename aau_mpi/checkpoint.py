@@ -183,13 +183,12 @@ def read_rank_state(manifest, rank):
         return arrays, json.loads(text(file.attrs, "info"))
 
 
-def check_compatible(manifest, world_size, meta):
-    """UserError unless this job (world_size, and each key of meta) matches the checkpoint's."""
+def check_compatible(manifest, meta):
+    """UserError unless each key of meta (the model, the dataset) matches the checkpoint's.
+
+    Another world size is not checked: a checkpoint resumes on any number of
+    ranks (aau_mpi.checkpointer.Checkpointer.restore_resized)."""
     where = manifest.path.parent
-    if manifest.world_size != world_size:
-        raise UserError(f"cannot resume {where}: it was written by {manifest.world_size} ranks, "
-                        f"this job has {world_size}: relaunch with -n {manifest.world_size} "
-                        f"(or start a new run without --resume)")
     for key, value in meta.items():
         ours = compact_json(value)
         theirs = compact_json(manifest.meta[key]) if key in manifest.meta else "(none)"

@@ -18,10 +18,17 @@ A resumed run numbers its new generations after the largest generation
 directory present, complete or not, so it never writes into a generation
 of the timeline it abandoned (resuming from gen 3 while gen 5 exists
 writes gen 6 next).
+
+A checkpoint of N ranks resumes on another number M (`restore_resized`):
+every new rank starts from the average of the N saved models, the consensus
+point the job converges to (a rank-to-rank mapping would give some new
+ranks the same model and others none); see docs/checkpoints.md, "Resuming
+on another number of ranks".
 """
 
 import math
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -72,6 +79,100 @@ def decode(value, arrays):
     return value
 
 
+def saved_state(manifest, rank):
+    """Saved rank `rank`'s state_dict() (its extra state under "extra"), every array crc32-checked."""
+    arrays, info = checkpoint.read_rank_state(manifest, rank)
+    return {**decode(info, arrays), "parameters": arrays["params"]}
+
+
+def optimizer_layout(optimizer_state):
+    """A torch optimizer's state_dict() split for averaging: its tensors as
+    [(parameter key, name, shape, dtype)] (SGD's momentum buffers, Adam's
+    moments), and the rest (param_groups and any non-tensor entry)."""
+    tensors, rest = [], {"state": {}, "param_groups": optimizer_state["param_groups"]}
+    for key, entry in optimizer_state["state"].items():
+        rest["state"][key] = {}
+        for name, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                tensors.append((key, name, tuple(value.shape), value.dtype))
+            else:
+                rest["state"][key][name] = value
+    return tensors, rest
+
+
+@dataclass
+class SavedTotals:
+    """Saved ranks' states summed, to resume them on another number of ranks:
+    each new rank adds the files it reads, `reduce` makes the job-wide totals."""
+    vector: np.ndarray          # float64: the models, then the layout's optimizer tensors
+    with_optimizer: int = 0     # states whose optimizer holds exactly the layout's tensors
+    own_samples: int = 0        # summed
+    iteration: int = 0          # the largest (as are the next two)
+    training_seconds: float = 0.0
+    evaluations: int = 0
+
+    REDUCTIONS = (("with_optimizer", MPI.SUM), ("own_samples", MPI.SUM),
+                  ("iteration", MPI.MAX), ("training_seconds", MPI.MAX),
+                  ("evaluations", MPI.MAX))
+
+    @classmethod
+    def read(cls, manifest, rank, size, numel, layout, first=None):
+        """New rank `rank` of `size`'s part: saved files rank, rank+size, rank+2*size, ...
+        (`first`: saved rank 0's state, when already read)."""
+        totals = cls(np.zeros(numel + sum(math.prod(shape) for _, _, shape, _ in layout)))
+        for number in range(rank, manifest.world_size, size):
+            totals.add(first if number == 0 and first is not None
+                       else saved_state(manifest, number), layout)
+        return totals
+
+    def add(self, state, layout):
+        params = state["parameters"]
+        self.vector[:params.size] += params
+        if optimizer_layout(state["optimizer"])[0] == layout:
+            offset, tensors = params.size, state["optimizer"]["state"]
+            for key, name, shape, _ in layout:
+                size = math.prod(shape)
+                self.vector[offset:offset + size] += tensors[key][name].numpy().ravel()
+                offset += size
+            self.with_optimizer += 1
+        self.own_samples += int(state["own_samples"])
+        self.iteration = max(self.iteration, int(state["iteration"]))
+        self.training_seconds = max(self.training_seconds, float(state["training_seconds"]))
+        self.evaluations = max(self.evaluations, int(state["evaluations"]))
+
+    def reduce(self, comm):
+        """Collective: the totals over every new rank's part."""
+        comm.Allreduce(MPI.IN_PLACE, self.vector)
+        for name, op in self.REDUCTIONS:
+            setattr(self, name, comm.allreduce(getattr(self, name), op=op))
+
+    def averaged_state(self, saved, layout, rest, rank, size, fresh):
+        """The state_dict() of new rank `rank` of `size`, from the totals of `saved`
+        ranks: the average model; the average optimizer tensors when every saved
+        rank had the layout's, else `fresh`'s optimizer (the rank's as built), as
+        its policy and straggler always are; the largest iteration, training
+        time and evaluation number; the saved sample total split so that the
+        new ranks' sum is that total (the remainder on rank 0)."""
+        average = self.vector / saved
+        numel = average.size - sum(math.prod(shape) for _, _, shape, _ in layout)
+        optimizer = fresh["optimizer"]
+        if self.with_optimizer == saved:
+            optimizer = {"state": {key: dict(entry) for key, entry in rest["state"].items()},
+                         "param_groups": rest["param_groups"]}
+            offset = numel
+            for key, name, shape, dtype in layout:
+                count = math.prod(shape)
+                optimizer["state"][key][name] = torch.from_numpy(
+                    average[offset:offset + count].reshape(shape)).to(dtype)
+                offset += count
+        share, remainder = divmod(self.own_samples, size)
+        return {"parameters": torch.from_numpy(average[:numel]), "optimizer": optimizer,
+                "policy": fresh["policy"], "straggler": fresh["straggler"],
+                "iteration": self.iteration,
+                "own_samples": share + (remainder if rank == 0 else 0),
+                "training_seconds": self.training_seconds, "evaluations": self.evaluations}
+
+
 class Checkpointer:
     """HDF5 checkpoints of every rank of a DecentralizedOptimizer (pass it as `checkpoints=`).
 
@@ -97,6 +198,7 @@ class Checkpointer:
         self.generation = 0       # this rank's newest generation
         self.committed = 0        # the newest generation this rank committed or resumed
         self.opt = None
+        self.resized = None       # after a restore onto another number of ranks: what was done
         self._pruning = None
 
     def attach(self, opt):
@@ -163,16 +265,52 @@ class Checkpointer:
     def restore(self, source):
         """Collective: load every rank's state from the newest complete generation
         under `source` (a run folder, checkpoints folder, gen folder or manifest);
-        returns this rank's extra state."""
+        returns (this rank's extra state, the manifest). A checkpoint of another
+        number of ranks goes to `restore_resized`; the extra state is then None
+        (it described the old ranks) and `resized` says what was done."""
         opt = self.opt
         manifest = checkpoint.read_manifest(checkpoint.find_checkpoint(source))
-        checkpoint.check_compatible(manifest, opt.size, self.meta)
-        arrays, info = checkpoint.read_rank_state(manifest, opt.rank)
-        state = decode(info, arrays)
-        extra = state.pop("extra")
-        opt.load_state_dict({**state, "parameters": torch.from_numpy(arrays["params"])})
+        checkpoint.check_compatible(manifest, self.meta)
+        extra = None
+        if manifest.world_size != opt.size:
+            self.restore_resized(manifest)
+        else:
+            state = saved_state(manifest, opt.rank)
+            extra = state.pop("extra")
+            opt.load_state_dict({**state, "parameters": torch.from_numpy(state["parameters"])})
         newest = max((number for number, _ in checkpoint.generations(self.root)),
                      default=manifest.generation)
         self.generation = self.committed = opt.comm.allreduce(newest, op=MPI.MAX)
         self._schedule_next()
         return extra, manifest
+
+    def restore_resized(self, manifest):
+        """Collective: continue a checkpoint of N ranks on this job's M ranks.
+
+        Every rank starts from the average of the N saved models, the consensus
+        point the job converges to, and from the average of their optimizer
+        tensors (momentum) when every saved rank has the same ones, else from
+        its optimizer as built; policy and straggler state start afresh (they
+        describe neighbours and per-rank random streams that do not map). See
+        `SavedTotals.averaged_state` for the counters. Rank r reads saved files
+        r, r+M, r+2M, ...: no rank reads all N, the partial sums meet in one
+        Allreduce. Sets `resized`, one line saying what was done.
+        """
+        opt, saved = self.opt, manifest.world_size
+        first = saved_state(manifest, 0) if opt.rank == 0 else None
+        layout, rest = opt.comm.bcast(
+            optimizer_layout(first["optimizer"]) if first is not None else None, root=0)
+        totals = SavedTotals.read(manifest, opt.rank, opt.size, opt.params.numel, layout, first)
+        totals.reduce(opt.comm)
+        fresh = {"optimizer": opt.optimizer.state_dict(), "policy": opt.policy.state_dict(),
+                 "straggler": opt.straggler.state_dict()}
+        opt.load_state_dict(totals.averaged_state(saved, layout, rest, opt.rank, opt.size,
+                                                  fresh))
+        if totals.with_optimizer != saved:
+            momentum = (f"; optimizer state reset ({saved - totals.with_optimizer} of the "
+                        f"{saved} saved ranks' differed from rank 0's)")
+        else:
+            momentum = "; optimizer state (momentum) averaged" if layout else ""
+        self.resized = (f"resuming {saved} ranks' checkpoint {manifest.path.parent.name} on "
+                        f"{opt.size} ranks: every rank starts from the average of the {saved} "
+                        f"models{momentum}; policy and straggler state reset")

@@ -606,7 +606,8 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
                 "evaluations": self.events.evaluations}
 
     def load_state_dict(self, state):
-        """Collective: continue from `state_dict()` (this rank's, of the same job size)."""
+        """Collective: continue from `state_dict()` (this rank's, of the same job size,
+        or one that `Checkpointer.restore_resized` made from another job size's)."""
         self._check_open()
         if self.depositor is not None:
             self.depositor.wait()

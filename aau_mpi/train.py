@@ -13,7 +13,9 @@ decentralized part. Around it, by name:
 - `aau_mpi.runlog`: the run folder's logs, the progress line, the summary.
 
 SIGTERM / SIGUSR1 (Slurm's warning before preemption): every rank stops,
-checkpoints and exits with EXIT_PREEMPTED; `--resume <run folder>` goes on.
+checkpoints and exits with EXIT_PREEMPTED; `--resume <run folder>` goes on,
+on the same number of ranks or another (every rank then starts from the
+average of the saved models, on shards partitioned for the new number).
 """
 
 import argparse
@@ -103,7 +105,7 @@ class Trainer:
         manifest = None
         if resume:
             manifest = checkpoint.read_manifest(checkpoint.find_checkpoint(resume))
-            checkpoint.check_compatible(manifest, self.size, self._identity())
+            checkpoint.check_compatible(manifest, self._identity())
 
         self.folder = self._run_folder(config_path, manifest)
         with section("data"):
@@ -224,6 +226,13 @@ class Trainer:
         if self.checkpoints.opt is None:  # checkpoints off in this run: restore only
             self.checkpoints.attach(self.opt)
         extra, _ = self.checkpoints.restore(manifest.path)
+        if extra is None:
+            # Another number of ranks: the shards above are partitioned for this
+            # one, so the old loaders' positions do not map; these start afresh,
+            # seeded as in a new run.
+            if self.rank == 0:
+                print(f"{self.checkpoints.resized}; shards re-partitioned", flush=True)
+            return
         self.batches.load_state_dict(extra["loader"])
         torch.set_rng_state(extra["torch_rng"])
 

@@ -142,3 +142,24 @@ def test_a_point_outside_the_grid_is_one_line(slurm, tmp_path):
                             cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
     assert "outside the grid of 1 points: submit with --array=0-0" in (tmp_path / "out").read_text()
+
+
+def test_the_elastic_template_resumes_on_the_ranks_a_later_start_gets(slurm, tmp_path):
+    """jobs/slurm/elastic.sbatch: a start runs on the tasks Slurm gave it, and one that
+    finds a checkpoint in RUN resumes it on its own number of ranks. The one-node
+    cluster cannot vary the nodes; two submissions of 2 and 3 tasks stand in for
+    two starts on different node counts."""
+    run = tmp_path / "run"
+    env = {**slurm, "RUN": str(run), "CONFIG": "jobs/demo.yaml"}
+    for tasks, epochs in ((2, 2), (3, 4)):
+        slurm_command(env, "sbatch", "--wait", *CPU["srun"], "--nodes=1",
+                      f"--ntasks-per-node={tasks}", f"--output={tmp_path}/job-{tasks}.out",
+                      "jobs/slurm/elastic.sbatch", *QUICK, f"budget.epochs={epochs}",
+                      timeout=300)
+        summary = json.loads((run / "summary.json").read_text())
+        assert summary["exit"] == "finished" and summary["world_size"] == tasks
+    first, second = ((tmp_path / f"job-{tasks}.out").read_text() for tasks in (2, 3))
+    assert "1 node(s), 2 ranks" in first and f"new run {run}" in first
+    assert "1 node(s), 3 ranks" in second and f"resuming {run}" in second
+    assert "resuming 2 ranks' checkpoint gen-" in second and " on 3 ranks: " in second
+    assert summary["samples"] >= 4 * 1437
