@@ -4,6 +4,8 @@
 #   make test          set up .venv and run the whole test suite
 #   make test MPI=mpich   the same against the MPICH wheel (in .venv-mpich)
 #   make test-slurm    the Slurm templates on a one-node Slurm cluster (installs Slurm with apt as root)
+#   make test-long     the tests of minutes that CI leaves out (marked `long`: 8-rank kills and
+#                      resizes, the soak, the benchmarks' quick runs, the Slurm sweep; ~15 min)
 #   make bench         the benchmarks in bench/ (numbers land in bench/results/)
 #   make bench-stragglers   only the straggler, scaling and policy-cost benchmarks (~6 min)
 #   make soak          the 16-rank soak test at full length (10 min)
@@ -33,7 +35,7 @@ MPI_PYTEST = timeout -k 10 $(RUN_TIMEOUT) $(MPIEXEC) -n $(1) $(PY) -m mpi4py -m 
 	--with-mpi -m mpi -p no:cacheprovider --color=no -q -rs \
 	--timeout=$(TEST_TIMEOUT) --timeout-method=thread $(2)
 
-.PHONY: setup demo test test-unit test-mpi bench bench-stragglers soak clean
+.PHONY: setup demo test test-unit test-mpi test-slurm test-long bench bench-stragglers soak clean
 
 setup: $(VENV)/.installed
 
@@ -53,8 +55,10 @@ demo: setup
 
 test: test-unit test-mpi
 
+# Each launcher test bounds its own jobs (tests/launcher.py); --timeout is the
+# backstop for the rest (tests that need longer say so with mark.timeout).
 test-unit: setup
-	timeout -k 10 $(RUN_TIMEOUT) $(PY) -m pytest -m "not mpi" -q -rs --color=no \
+	timeout -k 10 $(RUN_TIMEOUT) $(PY) -m pytest -m "not mpi and not long" -q -rs --color=no \
 		--timeout=$(TEST_TIMEOUT) --durations=15 tests
 
 # Every MPI test on NP ranks (4: the size they need), and the transport ones
@@ -67,8 +71,13 @@ test-mpi: setup
 # the tests skip and say why. Each test module starts and stops its own cluster.
 test-slurm: setup
 	-scripts/slurm-cluster.sh install
-	AAU_SLURM_TESTS=1 timeout -k 10 $(RUN_TIMEOUT) $(PY) -m pytest -q --color=no -rs \
+	AAU_SLURM_TESTS=1 timeout -k 10 $(RUN_TIMEOUT) $(PY) -m pytest -m "not long" -q --color=no -rs \
 		-p no:cacheprovider --timeout=$(RUN_TIMEOUT) tests/test_slurm.py
+
+test-long: setup
+	-scripts/slurm-cluster.sh install
+	AAU_SLURM_TESTS=1 timeout -k 10 3000 $(PY) -m pytest -m "long and not mpi" -q -rs --color=no \
+		-p no:cacheprovider --timeout=900 --durations=15 tests
 
 bench: setup bench-stragglers
 	$(MPIEXEC) -n 2 $(PY) bench/mailbox_bandwidth.py

@@ -61,13 +61,15 @@ timeout -k 10 240 "$MPIEXEC" -n 2 $PY -m mpi4py -m pytest --with-mpi -m mpi -q -
     -p no:cacheprovider --timeout=200 --timeout-method=thread tests/test_optimizer_mpi.py -k device_path
 
 echo "gpu_check: 2. ResNet-18, synthetic CIFAR-10-shaped data"
-if [ "$QUICK" = 1 ]; then
+if [ "$QUICK" = 1 ]; then  # the dry run: every path of the check, a few steps, 1 and 2 ranks
     SIZE=(--model lenet --batch 8 --steps 3 --warmup 1 --width 8)
+    RANKS="1 2"
 else
     SIZE=(--model resnet18 --batch 128 --steps 40 --warmup 5)
+    RANKS="1 4"
 fi
 RUNS=$(mktemp -d)
-for ranks in 1 4; do
+for ranks in $RANKS; do
     for policy in aau allreduce; do
         timeout -k 10 300 "$MPIEXEC" -n $ranks $PY bench/gpu_train.py --policy $policy \
             --device "$DEVICE" "${SIZE[@]}" --out "$RUNS/$policy-$ranks.json"

@@ -43,6 +43,7 @@ def assert_png(path):
 
 
 @needs_launchers
+@pytest.mark.long
 def test_stragglers_quick(tmp_path):
     out = tmp_path / "out"
     run_bench("stragglers.py", "--quick", "--runs", tmp_path / "runs", "--out", out,
@@ -80,6 +81,7 @@ def test_stragglers_quick(tmp_path):
 
 
 @needs_launchers
+@pytest.mark.long
 def test_scaling_quick(tmp_path):
     out = tmp_path / "out"
     run_bench("scaling.py", "--quick", "--policies", "aau", "--runs", tmp_path / "runs",
@@ -93,6 +95,25 @@ def test_scaling_quick(tmp_path):
         assert len(row["loss_at"]) == 3 and row["loss_at"][-1] > 0
     assert "| aau | 2 |" in (out / "scaling.md").read_text()
     assert_png(out / "scaling.png")
+
+
+@needs_launchers
+def test_the_gpu_check_dry_run_runs_every_step_on_the_cpu(tmp_path):
+    """bench/gpu_check.sh --device cpu: the CUDA tests (skipped, with their
+    reasons), the training runs and the JSON, as on a GPU machine."""
+    out = tmp_path / "gpu.json"
+    result = subprocess.run(["bash", "bench/gpu_check.sh", "--device", "cpu", "--out", str(out)],
+                            cwd=REPO, env={**ENV, "PYTHON": sys.executable}, capture_output=True,
+                            text=True, timeout=240)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "needs CUDA" in result.stdout, "the CUDA tests say why they skip"
+    record = json.loads(out.read_text())
+    assert record["device"] == "cpu" and record["quick"] is True
+    assert {(r["policy"], r["ranks"]) for r in record["runs"]} == {
+        (policy, ranks) for policy in ("aau", "allreduce") for ranks in (1, 2)}
+    for run in record["runs"]:
+        assert run["samples_per_second"] > 0 and run["iteration_ms"] > 0
+        assert run["compute_ms"] > 0 and run["iteration_ms"] >= run["compute_ms"]
 
 
 @needs_launchers

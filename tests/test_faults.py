@@ -15,6 +15,7 @@ import signal
 import time
 
 import numpy as np
+import pytest
 from aau_mpi import checkpoint
 
 from launcher import MLP, launch, launcher_required, rank_pids, start
@@ -83,6 +84,7 @@ def read_lines_tolerant(path):
     return records
 
 
+@pytest.mark.long
 def test_ranks_killed_while_checkpointing_leave_the_last_generation_loadable(tmp_path):
     """Checkpoints every iteration, so a SIGKILL lands in (or next to) a write."""
     for attempt in range(2):
@@ -102,6 +104,7 @@ def test_ranks_killed_while_checkpointing_leave_the_last_generation_loadable(tmp
             assert np.isfinite(arrays["params"]).all() and info["iteration"] > 0
 
 
+@pytest.mark.long
 def test_the_watchdog_reports_a_stopped_neighbour_and_async_goes_on(tmp_path):
     # No evaluations: one falling in the pause would need rank 1 and end the job.
     job = start(4, *LONG, f"output.dir={tmp_path}", "budget.epochs=null", "budget.seconds=25",

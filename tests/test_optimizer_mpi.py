@@ -312,10 +312,14 @@ def test_api_misuse_is_a_user_error_on_every_rank():
 
 @pytest.mark.mpi(min_size=4)
 def test_batchnorm_statistics_are_averaged_with_the_weights():
-    """Each rank's inputs carry their own offset, so each rank's BatchNorm learns
-    its own running mean. The final model holds the ranks' average (they are in
-    the flat vector), and scores better on everyone's test data than it would
-    with one rank's statistics (what the final model carried before)."""
+    """Each rank's inputs carry their own offset (-3 to 3), so alone each rank's
+    BatchNorm would learn its own running mean. The buffers are in the flat
+    vector, so they are mixed with the weights every step: every rank's mean
+    stays near the ranks' average (0), and the final model holds exactly the
+    average (before, buffers were never mixed and the final model carried
+    rank 0's, about -3). (An accuracy comparison on everyone's test data was
+    tried and dropped: with per-rank offsets no single set of statistics
+    serves the pooled data, and both scored near chance.)"""
     world = aau_mpi.init(device="cpu")
     generator = torch.Generator().manual_seed(comm.rank)
     offsets = torch.linspace(-3, 3, comm.size)
@@ -337,11 +341,5 @@ def test_batchnorm_statistics_are_averaged_with_the_weights():
     opt.finish()
     means = comm.allgather(own_mean)
     assert torch.allclose(model[0].running_mean, torch.stack(means).mean(0), atol=1e-6)
-    test = [data(r, 500, torch.Generator().manual_seed(100 + r)) for r in range(comm.size)]
-    x_test, y_test = torch.cat([x for x, _ in test]), torch.cat([y for _, y in test])
-    model.eval()
-    with torch.no_grad():
-        averaged = (model(x_test).argmax(1) == y_test).float().mean().item()
-        model[0].running_mean.copy_(means[0])
-        one_rank = (model(x_test).argmax(1) == y_test).float().mean().item()
-    assert averaged > one_rank + 0.05, f"averaged stats {averaged:.3f}, rank 0's {one_rank:.3f}"
+    for rank, mean in enumerate(means):  # mixed: far from the rank's own offset
+        assert mean.abs().max() < 1.0, f"rank {rank} (offset {offsets[rank]:.1f}): {mean}"

@@ -18,7 +18,7 @@ from aau_mpi import checkpoint
 
 from launcher import MLP, launch, launcher_required, read_lines
 
-pytestmark = launcher_required()
+pytestmark = [launcher_required(), pytest.mark.long]
 
 SAVED = 8
 TRAIN_SIZE = 1437          # digits' training set

@@ -8,6 +8,8 @@ leaves a checkpoint that loads and passes its checksums. Starting and ending
 
 import json
 
+import pytest
+
 from aau_mpi import checkpoint
 from aau_mpi.topology import generate
 
@@ -17,6 +19,7 @@ pytestmark = launcher_required()
 RANKS = 64
 
 
+@pytest.mark.timeout(960)  # its job's own bound (900 s), and the checks after it
 def test_sixty_four_ranks_finish_use_every_edge_learn_and_checkpoint(tmp_path):
     # 8,000 samples, 5 epochs: about 60 iterations per rank (the job's own
     # budget, 625, reaches 0.85 and more; docs/benchmarks.md).

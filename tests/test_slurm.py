@@ -80,8 +80,9 @@ def read_lines(path):
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-@pytest.mark.parametrize("template,launcher", [("gpu-1node-mpirun.sbatch", "mpirun"),
-                                               ("gpu-1node-srun.sbatch", "srun")])
+@pytest.mark.parametrize("template,launcher", [
+    ("gpu-1node-mpirun.sbatch", "mpirun"),
+    pytest.param("gpu-1node-srun.sbatch", "srun", marks=pytest.mark.long)])
 def test_a_signalled_job_checkpoints_requeues_itself_and_resumes(slurm, tmp_path, template,
                                                                   launcher):
     run, log = tmp_path / "run", tmp_path / "job.out"
@@ -115,6 +116,7 @@ def test_a_signalled_job_checkpoints_requeues_itself_and_resumes(slurm, tmp_path
     assert iterations[-1] > last
 
 
+@pytest.mark.long
 def test_a_sweep_runs_every_point_and_collects_one_table(slurm, tmp_path):
     sweep = tmp_path / "sweep"
     env = {**slurm, "CONFIG": "jobs/demo.yaml", "SWEEP": str(sweep), "POLICIES": "aau dpsgd",

@@ -24,7 +24,7 @@ import pytest
 
 from launcher import MLP, launch, launcher_required, read_lines
 
-pytestmark = [launcher_required(), pytest.mark.soak]
+pytestmark = [launcher_required(), pytest.mark.soak, pytest.mark.long]
 SECONDS = float(os.environ.get("SOAK_SECONDS", 20))
 RANKS = 16
 MAX_GROWTH = 256          # bytes per iteration

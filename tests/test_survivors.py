@@ -80,7 +80,8 @@ def generations_verify(folder):
 
 @launcher_required()
 @ulfm_required
-@pytest.mark.parametrize("policy", ["aau", "async"])
+@pytest.mark.parametrize("policy", ["aau", pytest.param("async", marks=pytest.mark.long)])
+@pytest.mark.timeout(420)  # two jobs, each with its own bound
 def test_the_survivors_of_a_killed_rank_finish_the_job(tmp_path, policy):
     args = [*JOB, f"policy.name={policy}", f"output.dir={tmp_path}"]
     reference = launch(8, *args, "name=unkilled", "faults.on_rank_loss=continue",
@@ -118,6 +119,7 @@ def test_the_survivors_of_a_killed_rank_finish_the_job(tmp_path, policy):
 
 @launcher_required()
 @ulfm_required
+@pytest.mark.long
 def test_with_abort_a_killed_rank_ends_the_job_under_ulfm(tmp_path):
     folder = tmp_path / "job"
     job = start(8, *JOB, "budget.epochs=100000", f"output.dir={tmp_path}", "name=job",

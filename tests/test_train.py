@@ -73,7 +73,8 @@ def test_a_run_leaves_its_config_logs_summary_and_final_model(finished_run):
 
 
 @pytest.mark.parametrize("policy,how", [
-    ("dpsgd", "SIGUSR1 to mpiexec"), ("allreduce", "SIGUSR1 to mpiexec"),
+    pytest.param("dpsgd", "SIGUSR1 to mpiexec", marks=pytest.mark.long),
+    pytest.param("allreduce", "SIGUSR1 to mpiexec", marks=pytest.mark.long),
     ("aau", "SIGTERM to every rank"),
 ])
 def test_a_preempted_run_checkpoints_exits_75_and_resumes(tmp_path, policy, how):
