@@ -35,7 +35,7 @@ MPI_PYTEST = timeout -k 10 $(RUN_TIMEOUT) $(MPIEXEC) -n $(1) $(PY) -m mpi4py -m 
 	--with-mpi -m mpi -p no:cacheprovider --color=no -q -rs \
 	--timeout=$(TEST_TIMEOUT) --timeout-method=thread $(2)
 
-.PHONY: setup demo test test-unit test-mpi test-slurm test-long bench bench-stragglers soak clean
+.PHONY: setup demo test test-unit test-scale test-mpi test-slurm test-long bench bench-stragglers soak clean
 
 setup: $(VENV)/.installed
 
@@ -53,22 +53,30 @@ demo: setup
 	$(MPIEXEC) -n 4 $(PY) -m aau_mpi.train --config jobs/demo.yaml output.dir=$(DEMO_RUNS) name=dpsgd policy.name=dpsgd
 	$(PY) -m aau_mpi.plot $(DEMO_RUNS)/aau $(DEMO_RUNS)/dpsgd --out $(DEMO_RUNS)/plots
 
-test: test-unit test-mpi
+test: test-unit test-scale test-mpi
 
 # Each launcher test bounds its own jobs (tests/launcher.py); --timeout is the
 # backstop for the rest (tests that need longer say so with mark.timeout).
 test-unit: setup
 	timeout -k 10 $(RUN_TIMEOUT) $(PY) -m pytest -m "not mpi and not long" -q -rs --color=no \
-		--timeout=$(TEST_TIMEOUT) --durations=15 tests
+		-p no:cacheprovider --timeout=$(TEST_TIMEOUT) --durations=15 \
+		--ignore=tests/test_scale.py tests
 
-# Every MPI test on NP ranks (4: the size they need), and the transport ones
-# on 2 as well (a ring of 2: the same neighbour on both sides).
+# The 64-rank launcher test on its own limit: starting 64 ranks (each imports
+# torch) is most of its time here.
+test-scale: setup
+	timeout -k 10 $(RUN_TIMEOUT) $(PY) -m pytest -q -rs --color=no -p no:cacheprovider \
+		--durations=1 tests/test_scale.py
+
+# Every MPI test on NP ranks (4: the size they need); test-long runs the
+# transport ones on 2 as well (a ring of 2: the same neighbour on both sides).
 test-mpi: setup
-	$(call MPI_PYTEST,2,tests/test_mailbox_mpi.py tests/test_world_mpi.py tests/test_control_mpi.py)
 	$(call MPI_PYTEST,$(NP),tests)
 
 # Installs Debian's Slurm if missing and allowed (root, apt); where it cannot,
 # the tests skip and say why. Each test module starts and stops its own cluster.
+# CI's share (the rest is marked long): a real one-node Slurm starts and
+# takes a sweep's array job; the requeue and elastic runs are in test-long.
 test-slurm: setup
 	-scripts/slurm-cluster.sh install
 	AAU_SLURM_TESTS=1 timeout -k 10 $(RUN_TIMEOUT) $(PY) -m pytest -m "not long" -q --color=no -rs \
@@ -78,6 +86,7 @@ test-long: setup
 	-scripts/slurm-cluster.sh install
 	AAU_SLURM_TESTS=1 timeout -k 10 3000 $(PY) -m pytest -m "long and not mpi" -q -rs --color=no \
 		-p no:cacheprovider --timeout=900 --durations=15 tests
+	$(call MPI_PYTEST,2,tests/test_mailbox_mpi.py tests/test_world_mpi.py tests/test_control_mpi.py)
 
 bench: setup bench-stragglers
 	$(MPIEXEC) -n 2 $(PY) bench/mailbox_bandwidth.py

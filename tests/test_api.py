@@ -34,6 +34,7 @@ def test_the_first_example_trains_in_a_plain_loop():
     assert accuracy(result) > 0.85
 
 
+@pytest.mark.long
 def test_amp_clipping_and_a_torch_scheduler_work_unchanged():
     result = run(4, "examples/train_amp_clip_scheduler.py", "--steps", "150")
     assert result.returncode == 0, result.stderr[-3000:]

@@ -38,6 +38,7 @@ def committed(folder):
     return list(folder.glob("checkpoints/gen-*/manifest.h5"))
 
 
+@pytest.mark.long
 def test_a_killed_rank_ends_the_job_and_resume_continues_from_the_newest_checkpoint(tmp_path):
     job = start(4, *LONG, f"output.dir={tmp_path}", "checkpoint.every_seconds=1")
     folder = tmp_path / "job"
@@ -136,6 +137,7 @@ def test_the_watchdog_reports_a_stopped_neighbour_and_async_goes_on(tmp_path):
         assert any(1 not in r["averaged"] for r in during), "it mixed without rank 1"
 
 
+@pytest.mark.long
 def test_the_watchdog_ends_a_synchronous_job_whose_neighbour_stopped(tmp_path):
     job = start(4, *LONG, f"output.dir={tmp_path}", "policy.name=dpsgd", "watchdog.seconds=2")
     folder = tmp_path / "job"

@@ -222,7 +222,8 @@ def test_allreduce_keeps_every_worker_identical(tmp_path):
 
 @pytest.mark.parametrize("policy", [*POLICIES.names(), "{name: aau, gamma: 0.5, tau: 2}",
                                     "{name: fixed_k, k: 2}"])
-@pytest.mark.parametrize("topology", ["ring", "exponential_one_peer"])
+@pytest.mark.parametrize("topology", [
+    "ring", pytest.param("exponential_one_peer", marks=pytest.mark.long)])
 def test_no_policy_deadlocks_with_a_50x_straggler(tmp_path, policy, topology):
     _, summary = simulate(tmp_path, 4, f"policy={policy}" if "{" in policy else
                           f"policy.name={policy}", f"topology.name={topology}",

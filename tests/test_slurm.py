@@ -80,9 +80,9 @@ def read_lines(path):
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-@pytest.mark.parametrize("template,launcher", [
-    ("gpu-1node-mpirun.sbatch", "mpirun"),
-    pytest.param("gpu-1node-srun.sbatch", "srun", marks=pytest.mark.long)])
+@pytest.mark.long
+@pytest.mark.parametrize("template,launcher", [("gpu-1node-mpirun.sbatch", "mpirun"),
+                                               ("gpu-1node-srun.sbatch", "srun")])
 def test_a_signalled_job_checkpoints_requeues_itself_and_resumes(slurm, tmp_path, template,
                                                                   launcher):
     run, log = tmp_path / "run", tmp_path / "job.out"
@@ -146,6 +146,7 @@ def test_a_point_outside_the_grid_is_one_line(slurm, tmp_path):
     assert "outside the grid of 1 points: submit with --array=0-0" in (tmp_path / "out").read_text()
 
 
+@pytest.mark.long
 def test_the_elastic_template_resumes_on_the_ranks_a_later_start_gets(slurm, tmp_path):
     """jobs/slurm/elastic.sbatch: a start runs on the tasks Slurm gave it, and one that
     finds a checkpoint in RUN resumes it on its own number of ranks. The one-node

@@ -80,7 +80,8 @@ def generations_verify(folder):
 
 @launcher_required()
 @ulfm_required
-@pytest.mark.parametrize("policy", ["aau", pytest.param("async", marks=pytest.mark.long)])
+@pytest.mark.long
+@pytest.mark.parametrize("policy", ["aau", "async"])
 @pytest.mark.timeout(420)  # two jobs, each with its own bound
 def test_the_survivors_of_a_killed_rank_finish_the_job(tmp_path, policy):
     args = [*JOB, f"policy.name={policy}", f"output.dir={tmp_path}"]

@@ -144,6 +144,7 @@ def test_resuming_an_older_generation_never_overwrites_newer_ones(finished_run, 
     assert resumed.generation == newest + 1, "the final generation follows the largest one"
 
 
+@pytest.mark.long
 def test_resume_refuses_another_model(finished_run):
     """(Another number of ranks is resumed: tests/test_resize.py.)"""
     folder, _ = finished_run
@@ -152,6 +153,7 @@ def test_resume_refuses_another_model(finished_run):
     assert "model" in " ".join(error_lines(result))
 
 
+@pytest.mark.long
 def test_a_corrupt_checkpoint_is_reported_not_loaded(finished_run, tmp_path):
     folder, _ = finished_run
     copy = tmp_path / "copy"
@@ -166,6 +168,7 @@ def test_a_corrupt_checkpoint_is_reported_not_loaded(finished_run, tmp_path):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.long
 def test_divergence_stops_the_job_and_keeps_the_last_good_checkpoint(finished_run, tmp_path):
     folder, _ = finished_run
     copy = tmp_path / "copy"

@@ -35,8 +35,9 @@ from launcher import ENV, MLP, MPIEXEC, REPO
 
 OPEN_MPI = (MPIEXEC.parent / "ompi_info").exists()
 MPICH = (MPIEXEC.parent / "mpichversion").exists()
-pytestmark = pytest.mark.skipif(not (OPEN_MPI or MPICH),
-                                reason=f"no Open MPI or MPICH mpiexec beside {sys.executable}")
+pytestmark = [pytest.mark.skipif(not (OPEN_MPI or MPICH),
+                                 reason=f"no Open MPI or MPICH mpiexec beside {sys.executable}"),
+              pytest.mark.long]
 
 PROGRESS = ({"OMPI_MCA_btl_tcp_progress_thread": "1"} if OPEN_MPI
             else {"MPIR_CVAR_ASYNC_PROGRESS": "1"})
