@@ -65,6 +65,7 @@ class JobEvents:
         self.word = 0                     # the newest event word this rank has seen
         self.served = 0                   # events of this job served by this rank
         self.completed = 0                # ... of which evaluations that ran to their end
+        self.waiting_round_trips = 0      # control round trips made while waiting (poll)
         self.stopped = False
         self.excluded = 0.0               # evaluation seconds in this job
         self.started = clock()
@@ -139,7 +140,9 @@ class JobEvents:
     def poll(self):
         """While waiting: announce and serve what is due (evaluations; never the stop)."""
         if self._interval_passed():
+            before = self.control.round_trips
             self._flush()
+            self.waiting_round_trips += self.control.round_trips - before
             if not self.lockstep:
                 self._serve(stop_allowed=False)
 

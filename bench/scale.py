@@ -9,7 +9,9 @@ iterations through the DecentralizedOptimizer (aau), then reports:
 
   compute, deposit, control, wait   median seconds per iteration (Iteration records)
   bytes per iteration               payload bytes x targets of each deposit
-  control round trips per step      JobControl round trips to rank 0 / iterations
+  control round trips per step      JobControl round trips to rank 0 after steps / iterations
+  polls per step                    round trips made while waiting (to see evaluations and the
+                                    stop in time) / iterations: they grow with the waiting
   set-up seconds                    building the optimizer (windows, checks)
   resident MB                       RSS and PSS (shared pages divided among the
                                     processes sharing them: what 64 ranks add up to)
@@ -78,7 +80,8 @@ def train_new(world, topology, iterations, batch):
         opt.zero_grad()
         F.cross_entropy(model(x[index]), y[index]).backward()
         opt.step()
-    trips = opt.events.control.round_trips
+    waiting = opt.events.waiting_round_trips
+    trips = opt.events.control.round_trips - waiting
     payload = 4 * opt.params.numel
     opt.finish()
     return {"compute": median([r.compute_seconds for r in records]),
@@ -86,7 +89,8 @@ def train_new(world, topology, iterations, batch):
             "control": median([r.control_seconds for r in records]),
             "wait": median([r.wait_seconds for r in records]),
             "bytes": payload * sum(targets) / len(targets),
-            "control_per_step": trips / iterations, "setup": setup}
+            "control_per_step": trips / iterations, "waiting_polls_per_step": waiting / iterations,
+            "setup": setup}
 
 
 def train_old(world, topology, iterations, batch):
@@ -235,11 +239,13 @@ def main():
         if args.before:
             rows += run(args, ranks, args.before)
     headers = ["ranks", "topology", "code", "startup s", "setup s", "compute ms", "deposit ms",
-               "control ms", "wait ms", "bytes/iteration", "control/step", "RSS MB", "PSS MB"]
+               "control ms", "wait ms", "bytes/iteration", "control/step", "polls/step",
+               "RSS MB", "PSS MB"]
     table = [[r["ranks"], r["topology"], "before" if r["before"] else "now",
               f"{r['startup']:.0f}", f"{r['setup']:.2f}", f"{1e3 * r['compute']:.2f}",
               f"{1e3 * r['deposit']:.3f}", f"{1e3 * r['control']:.3f}", f"{1e3 * r['wait']:.2f}",
-              f"{r['bytes']:,.0f}", f"{r['control_per_step']:.2f}", f"{r['rss']:.0f}",
+              f"{r['bytes']:,.0f}", f"{r['control_per_step']:.2f}",
+              f"{r.get('waiting_polls_per_step', 0):.2f}", f"{r['rss']:.0f}",
               f"{r['pss']:.0f}"] for r in rows]
     print(benchlib.text_table(headers, table))
     args.out.mkdir(parents=True, exist_ok=True)
