@@ -1,7 +1,7 @@
 # aau_mpi — one-command set-up, demo, tests and benchmarks.
 #
 #   make demo          set up .venv, train DSGD-AAU and D-PSGD on 4 ranks, compare them
-#   make test          set up .venv and run the whole test suite
+#   make test          set up .venv and run the test suite CI runs (test-long: the rest)
 #   make test MPI=mpich   the same against the MPICH wheel (in .venv-mpich)
 #   make test-slurm    the Slurm templates on a one-node Slurm cluster (installs Slurm with apt as root)
 #   make test-long     the tests of minutes that CI leaves out (marked `long`: 8-rank kills and

@@ -18,7 +18,9 @@ together hold at most BUDGET_SHARE of the budget unreported, and a stop or
 an evaluation is seen within FLUSH_SHARE of the elapsed time: the budget is
 overshot by under 1 %, and rank 0's control words see a bounded rate of
 round trips. With the budget growing with the ranks (the same work per
-rank), a rank's round trips per step do not grow with N.
+rank), a rank's round trips per step do not grow with N. A waiting rank
+polls no more often than every N / WAITING_POLL_RATE seconds, so all
+waiting ranks together cost rank 0 a bounded rate at any N too.
 
 Lock-step ranks (the allreduce policy) must serve the same events after the
 same step and take identical steps: they agree on the event word and on
@@ -40,6 +42,7 @@ from aau_mpi.schedule import RUNNING, Schedule, events_announced
 FLUSH_SECONDS = 0.02          # the shortest interval between a rank's flushes
 FLUSH_SHARE = 0.002           # ... and a fraction of the training time so far
 BUDGET_SHARE = 0.004          # the most of the sample budget all ranks hold unreported
+WAITING_POLL_RATE = 1000      # polls per second of rank 0's words by all waiting ranks, at most
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
@@ -55,6 +58,9 @@ class JobEvents:
         self.flush_seconds = flush_seconds
         self.control = JobControl(comm)
         size = comm.Get_size()
+        # While waiting (for a straggler, say) every rank polls; spaced so that
+        # rank 0 answers at most WAITING_POLL_RATE of them a second at any N.
+        self.poll_seconds = max(flush_seconds, size / WAITING_POLL_RATE)
         budget = self.schedule.sample_budget
         self.max_pending = max(1, int(BUDGET_SHARE * budget / size)) if budget else None
         self.samples = 0                  # global samples, as last seen (+ own unreported)
@@ -139,15 +145,15 @@ class JobEvents:
 
     def poll(self):
         """While waiting: announce and serve what is due (evaluations; never the stop)."""
-        if self._interval_passed():
+        if self._interval_passed(self.poll_seconds):
             before = self.control.round_trips
             self._flush()
             self.waiting_round_trips += self.control.round_trips - before
             if not self.lockstep:
                 self._serve(stop_allowed=False)
 
-    def _interval_passed(self):
-        interval = max(self.flush_seconds, FLUSH_SHARE * self.training_seconds())
+    def _interval_passed(self, floor=None):
+        interval = max(floor or self.flush_seconds, FLUSH_SHARE * self.training_seconds())
         return time.monotonic() - self._flushed >= interval
 
     def _flush_due(self):

@@ -166,7 +166,8 @@ def worker(plan):
         result.update(rss=rss, pss=pss)
         everyone = world.comm.gather(result, root=0)
         if world.rank == 0:
-            keys = [k for k in everyone[0] if isinstance(everyone[0][k], float)]
+            keys = [k for k in everyone[0] if isinstance(everyone[0][k], (int, float))
+                    and not isinstance(everyone[0][k], bool)]
             row = {"ranks": world.size, "topology": topology, "before": plan["before"],
                    "startup": ready - launched, "model": everyone[0].get("model", "cnn1d")}
             row.update({k: float(np.median([r[k] for r in everyone])) for k in keys})
@@ -227,6 +228,8 @@ def main():
     parser.add_argument("--runs", default="runs/scale")
     parser.add_argument("--out", type=Path, default=benchlib.RESULTS)
     parser.add_argument("--timeout", type=float, default=1800)
+    parser.add_argument("--from-runs", action="store_true",
+                        help="tabulate the per-N results already in --runs instead of measuring")
     args = parser.parse_args()
     if args.worker:
         return worker(json.loads(args.worker.read_text()))
@@ -235,9 +238,16 @@ def main():
     Path(args.runs).mkdir(parents=True, exist_ok=True)
     rows = []
     for ranks in args.ranks:
-        rows += run(args, ranks, None)
-        if args.before:
-            rows += run(args, ranks, args.before)
+        for before in (None, args.before) if args.before else (None,):
+            if args.from_runs:
+                name = f"{'before' if before else 'after'}-{ranks}.json"
+                rows += json.loads((Path(args.runs) / name).read_text())["rows"]
+            else:
+                rows += run(args, ranks, before)
+    report(args, rows)
+
+
+def report(args, rows):
     headers = ["ranks", "topology", "code", "startup s", "setup s", "compute ms", "deposit ms",
                "control ms", "wait ms", "bytes/iteration", "control/step", "polls/step",
                "RSS MB", "PSS MB"]
