@@ -65,7 +65,7 @@ test-unit: setup
 # The 64-rank launcher test on its own limit: starting 64 ranks (each imports
 # torch) is most of its time here.
 test-scale: setup
-	timeout -k 10 $(RUN_TIMEOUT) $(PY) -m pytest -q -rs --color=no -p no:cacheprovider \
+	timeout -k 10 1200 $(PY) -m pytest -q -rs --color=no -p no:cacheprovider \
 		--durations=1 tests/test_scale.py
 
 # Every MPI test on NP ranks (4: the size they need); test-long runs the
