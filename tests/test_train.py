@@ -119,7 +119,9 @@ def test_a_preempted_run_checkpoints_exits_75_and_resumes(tmp_path, policy, how)
         iterations = [r["iteration"] for r in read_lines(folder / f"rank-{rank:05d}.jsonl")]
         resumed = iterations[last[rank] + 1:]
         assert resumed and resumed[0] >= last[rank] - 1, "iterations continue, not restart"
-    numbers = [e["evaluation"] for e in read_lines(folder / "eval.jsonl")]
+    # A signal just after an evaluation point, before its evaluation ran, and
+    # a resume too short for the next point leave no evaluation at all.
+    numbers = [e["evaluation"] for e in read_lines(evals)] if evals.exists() else []
     assert numbers[:evaluations] == list(range(1, evaluations + 1))
     assert numbers == sorted(set(numbers)), "evaluations continue their numbering"
     assert summary["accuracy"] > 0.8
