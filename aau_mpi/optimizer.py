@@ -187,7 +187,7 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
         if self.on_rank_loss == "continue":
             errors_return(self._base)
         self.rank, self.size = self._base.Get_rank(), self._base.Get_size()
-        self._topology, self._policy_arg, self._overlap = topology, policy, overlap
+        self._overlap = overlap
         self._checksum, self._schedule, self._on_evaluation = checksum, schedule, on_evaluation
         self.graph = _resolve_topology(topology, self.size)
         self.policy = _resolve_policy(policy, self.graph, self.rank)
@@ -200,8 +200,10 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
         self.batch_size = int(batch_size)
         self.on_iteration = on_iteration
         self.checkpoints = checkpoints
-        self.lost_ranks = []  # {"rank": original rank, "time": training seconds, ...} per loss
+        self.lost_ranks = []  # {"ranks": original ranks, "time": training seconds, ...} per loss
         self._surviving_depth = 0
+        self._originals = list(range(self.size))  # original rank of each current rank
+        self._abandoned = []  # a lost rank's windows and communicators, kept unfreed
 
         self.params = FlatParameters(model)
         self._check_optimizer_covers_model()
@@ -721,11 +723,10 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
         revoke(self.detector.comm, self.comm, self._events_comm, self.job_comm, self._base)
         if self.depositor is not None:
             self.depositor.close()
-        self._abandoned = getattr(self, "_abandoned", []) + [
-            (self.mailbox, self.events, self.detector, self.comm, self._events_comm,
-             self.job_comm, self._base)]
+        self._abandoned.append((self.mailbox, self.events, self.detector, self.comm,
+                                self._events_comm, self.job_comm, self._base))
         seen = (self.events.samples, self.events.training_seconds(), self.events.evaluations)
-        originals = getattr(self, "_originals", list(range(self.world.size)))
+        originals = self._originals
         self._base, lost = shrink(self._base)
         self._originals = [r for i, r in enumerate(originals) if i not in lost]
         self.rank, self.size = self._base.Get_rank(), self._base.Get_size()
