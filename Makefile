@@ -7,7 +7,7 @@
 #   make test-long     the tests of minutes that CI leaves out (marked `long`: 8-rank kills and
 #                      resizes, the soak, the benchmarks' quick runs, the Slurm sweep; ~15 min)
 #   make bench         the benchmarks in bench/ (numbers land in bench/results/)
-#   make bench-stragglers   only the straggler, scaling and policy-cost benchmarks (~6 min)
+#   make bench-stragglers   the straggler benchmark and the simulator's check (~95 min)
 #   make soak          the 16-rank soak test at full length (10 min)
 #
 # The quick path pins the CPU build of torch that this machine holds on disk;
@@ -89,14 +89,20 @@ test-long: setup
 	$(call MPI_PYTEST,2,tests/test_mailbox_mpi.py tests/test_world_mpi.py tests/test_control_mpi.py)
 
 bench: setup bench-stragglers
-	$(MPIEXEC) -n 2 $(PY) bench/mailbox_bandwidth.py
-
-# Every policy and DDP under stragglers, loss per sample on 1-8 ranks, and the
-# policy's decision cost (docs/benchmarks.md). Run on a quiet machine.
-bench-stragglers: setup
-	$(PY) bench/stragglers.py
 	$(PY) bench/scaling.py
 	$(MPIEXEC) -n 2 $(PY) bench/policy_cost.py
+	$(MPIEXEC) -n 2 $(PY) bench/mailbox_bandwidth.py
+
+# Every policy and DDP under stragglers on MNIST-1D (4 ranks, then the 8-rank
+# cell at the 4-rank rates), the simulator against both, and its projection to
+# 1024 workers (docs/benchmarks.md). Run on a quiet machine.
+bench-stragglers: setup
+	$(PY) bench/stragglers.py
+	$(PY) bench/stragglers.py --ranks 8 --partitions two_classes --settings fixed4 --no-ddp \
+		--rates-from bench/results/stragglers.json --out bench/results/stragglers8
+	$(PY) bench/simulation.py validate --real bench/results/stragglers.json \
+		bench/results/stragglers8/stragglers.json
+	$(PY) bench/simulation.py project
 
 # The soak test at full length: 16 ranks, 300 s per policy (docs/reliability.md).
 soak: setup

@@ -151,6 +151,7 @@ def read_run(config):
         "iterations": summary["iterations"], "neighbours": summary["neighbours"],
         "wait_share": summary["wait_share"], "sleep_share": summary["sleep_share"],
         "step_seconds": float(np.median(steps)) if steps else None,
+        "consensus_distance": run.evals[-1]["consensus_distance"] if run.evals else None,
         # (training seconds, global samples, accuracy, loss) of the averaged model
         "curve": [[e["time"], e["samples"], e["accuracy"], e["loss"]] for e in run.evals],
     }
@@ -159,8 +160,12 @@ def read_run(config):
 _DATA = {}
 
 
-def shard_accuracy(config, model, size):
-    """Accuracy of `model` on each rank's training shard, as the trainer partitioned them."""
+def rank_accuracies(config, model, size):
+    """`model` judged from each rank's side, as the trainer partitioned the data:
+    "shard_accuracy", its accuracy on each rank's training shard, and
+    "class_accuracy", its test accuracy weighted by each rank's class mix (the
+    test set as that rank's own data would look; a two-class shard counts
+    only its two classes)."""
     import torch
     from aau_mpi.datasets import load_dataset, partition
 
@@ -170,13 +175,22 @@ def shard_accuracy(config, model, size):
     data = _DATA[key]
     parts = partition(data.y_train.numpy(), size, config.data.partition.name,
                       seed=config.seed, **config.data.partition.params)
-    accuracies = []
+    with torch.no_grad():
+        model.eval()
+        predicted = torch.cat([model(x).argmax(1) for x in
+                               data.x_test.split(config.data.eval_batch_size)])
+    classes = data.num_classes
+    right = torch.bincount(data.y_test[predicted == data.y_test], minlength=classes)
+    per_class = (right / torch.bincount(data.y_test, minlength=classes).clamp(min=1)).numpy()
+    shard, mix = [], []
     for part in parts:
         index = torch.as_tensor(part)
         _, correct = evaluation.loss_and_correct(model, data.x_train[index], data.y_train[index],
-                                      config.data.eval_batch_size)
-        accuracies.append(correct / len(part))
-    return accuracies
+                                                 config.data.eval_batch_size)
+        shard.append(correct / len(part))
+        counts = np.bincount(data.y_train.numpy()[part], minlength=classes)
+        mix.append(float(counts @ per_class / counts.sum()))
+    return {"shard_accuracy": shard, "class_accuracy": mix}
 
 
 def require_two_ranks(comm, script):

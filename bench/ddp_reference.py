@@ -1,11 +1,12 @@
 """Plain torch DistributedDataParallel (gloo): the outside reference for synchronous training.
 
-    torchrun --standalone --nproc_per_node 4 bench/ddp_reference.py PLAN --lr 0.05
+    torchrun --standalone --nproc_per_node 4 bench/ddp_reference.py PLAN
 
 Launched the way DDP's users launch it, by bench/stragglers.py with the plan
-it wrote (PLAN) and allreduce's tuned learning rate (DDP is the same
-algorithm: SGD on the gradient averaged over the ranks). For every setting
-and seed of the plan it trains what the trainer would: the same model and
+it wrote (PLAN), at allreduce's tuned learning rate of each partition (from
+the plan's policies.json: DDP is the same algorithm, SGD on the gradient
+averaged over the ranks). For every partition and seed of the plan, on the
+straggler-free setting, it trains what the trainer would: the same model and
 initial weights (torch.manual_seed(seed) before building it; DDP broadcasts
 rank 0's), the same shards and per-rank batch order, the same sample budget,
 momentum and learning-rate schedule on global progress, and the same
@@ -37,9 +38,8 @@ from aau_mpi import evaluation
 from aau_mpi.config import load_config
 from aau_mpi.datasets import load_dataset, partition, shard_loader
 from aau_mpi.models import build_model
-from aau_mpi.schedule import Schedule
 from aau_mpi.stragglers import build_straggler, slow_down
-from stragglers import straggler_section
+from stragglers import DDP_SETTING, PARTITIONS, straggler_section
 
 
 def _seconds(action):
@@ -66,10 +66,7 @@ def train(config, data, rank, size):
                                 nesterov=config.optim.nesterov)
     lr = config.optim.learning_rate()
     budget = config.budget
-    schedule = Schedule(sample_budget=budget.samples or (round(budget.epochs * train_size)
-                                                         if budget.epochs else None),
-                        time_budget=budget.seconds)
-    eval_every = round(config.eval.every_epochs * train_size)
+    schedule = config.schedule(train_size)  # the trainer's stop and evaluation points
     straggler = build_straggler(config.stragglers.name, rank, size, config.stragglers.params)
     test = slice(0, config.eval.max_samples)
     x_test, y_test = data.x_test[test], data.y_test[test]
@@ -85,12 +82,21 @@ def train(config, data, rank, size):
     batches = shard_loader(data.x_train, data.y_train, parts[rank], b,
                            seed=config.seed * 1000 + rank)  # the trainer's batch order
     curve, iterations, sleep = [], 0, 0.0
-    samples, next_eval, excluded = 0, eval_every, 0.0
+    samples, evals, excluded = 0, 0, 0.0
     dist.barrier()
     started = time.perf_counter()
 
     def clock():
         return time.perf_counter() - started - excluded
+
+    def agree(flag):
+        """Every rank's answer when the points are in samples; any rank's yes when
+        they are in seconds (the ranks' clocks differ a little)."""
+        if budget.seconds is None and config.eval.every_seconds is None:
+            return flag
+        flag = torch.tensor([int(flag)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
 
     def evaluate():
         loss, correct = evaluation.loss_and_correct(model, x_test, y_test,
@@ -98,12 +104,7 @@ def train(config, data, rank, size):
         return loss / len(y_test), correct / len(y_test)
 
     while True:
-        stop = schedule.finished(samples, clock())
-        if budget.seconds is not None:  # ranks' clocks differ: agree on the stop
-            flag = torch.tensor([int(stop)])
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            stop = bool(flag.item())
-        if stop:
+        if agree(schedule.finished(samples, clock())):
             break
         x, y = next(batches)
         optimizer.zero_grad()
@@ -114,8 +115,8 @@ def train(config, data, rank, size):
             group["lr"] = lr(schedule.progress(samples, clock()))
         optimizer.step()
         samples += b * size
-        if eval_every and samples >= next_eval:
-            next_eval += eval_every
+        if agree(schedule.eval_due(evals + 1, samples, clock())):
+            evals += 1
             dist.barrier()
             paused = time.perf_counter()
             at = clock()
@@ -139,15 +140,13 @@ def train(config, data, rank, size):
             "sleep_share": [sleep / seconds] + [None] * (size - 1),
             "step_seconds": compute_seconds,
             "curve": curve,
-            "shard_accuracy": [evaluation.loss_and_correct(
-                model, data.x_train[torch.as_tensor(p)], data.y_train[torch.as_tensor(p)],
-                config.data.eval_batch_size)[1] / len(p) for p in parts]}
+            "consensus_distance": 0.0,  # one model, the same on every rank
+            **benchlib.rank_accuracies(config, model, size)}
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("plan", help="the plan.json that bench/stragglers.py wrote")
-    parser.add_argument("--lr", type=float, required=True)
     args = parser.parse_args()
     plan = json.loads(Path(args.plan).read_text())
     dist.init_process_group("gloo")
@@ -155,20 +154,21 @@ def main():
     # As the trainer does: the node's cores shared out among its ranks.
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["LOCAL_WORLD_SIZE"])))
     config = load_config(plan["config"], plan["overrides"])
-    if config.eval.every_epochs is None:
-        raise SystemExit("error: the DDP reference evaluates by eval.every_epochs: set it")
     data = load_dataset(config.data.name, config.data.params)
+    best_lr = json.loads((Path(plan["runs_dir"]) / "policies.json").read_text())["best_lr"]
     runs = []
-    for setting in plan["settings"]:
+    for part in plan["partitions"]:
+        lr = best_lr[part]["allreduce"]
         for seed in plan["seeds"]:
             config = load_config(plan["config"], [
-                *plan["overrides"], f"seed={seed}", f"optim.lr={args.lr}",
-                f"stragglers={json.dumps(straggler_section(setting, seed))}"])
+                *plan["overrides"], f"seed={seed}", f"optim.lr={lr}",
+                f"data.partition={json.dumps(PARTITIONS[part])}",
+                f"stragglers={json.dumps(straggler_section(DDP_SETTING, seed))}"])
             record = train(config, data, rank, size)
             if rank == 0:
-                runs.append({"phase": "run", "setting": setting, "seed": seed,
-                             "variant": "ddp", "lr": args.lr, **record})
-                print(f"ddp   {setting:9} seed {seed} lr {args.lr:<6g} accuracy "
+                runs.append({"phase": "run", "partition": part, "setting": DDP_SETTING,
+                             "seed": seed, "variant": "ddp", "lr": lr, **record})
+                print(f"ddp   {part:11} {DDP_SETTING:9} seed {seed} lr {lr:<6g} accuracy "
                       f"{record['accuracy']:.4f} in {record['seconds']:.2f} s", flush=True)
     if rank == 0:
         benchlib.write_json(Path(plan["runs_dir"]) / "ddp.json", {"runs": runs})

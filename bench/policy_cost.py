@@ -7,7 +7,7 @@ Two measurements, medians over repeated calls after a warm-up:
 1. `select` on header snapshots (`aau_mpi.header.empty_headers`) in which
    every in-neighbour has a fresh deposit of this iteration (the usual case:
    every policy answers at once), for in-degrees 2, 4 and 16 (a complete
-   graph), next to one training step of the straggler benchmark's problem
+   graph), next to one training step of bench/digits.yaml's problem
    (LeNet on the digits, batch 32: forward, backward and the SGD step).
 2. Against the model size, on 2 ranks with real windows: rank 0 reads its
    mailbox headers and runs aau's `select` (the per-iteration cost of the
@@ -58,7 +58,7 @@ def select_seconds(name, degree, repeats):
 
 
 def step_seconds(repeats):
-    """One training step of the straggler benchmark's problem, in this process."""
+    """One training step of bench/digits.yaml's problem, in this process."""
     import torch
     import torch.nn.functional as F
 
@@ -66,7 +66,7 @@ def step_seconds(repeats):
     from aau_mpi.datasets import load_dataset
     from aau_mpi.models import build_model
 
-    config = load_config(benchlib.BENCH / "stragglers.yaml")
+    config = load_config(benchlib.BENCH / "digits.yaml")
     data = load_dataset(config.data.name, config.data.params)
     model = build_model(config.model.name, data.input_shape, data.num_classes,
                         config.model.params)

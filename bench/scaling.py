@@ -7,7 +7,7 @@ holds as ranks are added: with the per-rank batch fixed and the same total
 sample budget, the loss-against-samples curves of N ranks should lie on top
 of each other. For each rank count this launches one
 `mpiexec -n N python bench/scaling.py --worker PLAN` job that trains every
-policy and seed on the straggler benchmark's problem without stragglers,
+policy and seed on bench/digits.yaml's problem without stragglers,
 then writes scaling.json, scaling.md and scaling.png (loss against samples,
 one panel per policy, one line per rank count) into --out. On a machine with
 fewer cores than ranks the samples per second say nothing about speed-up;
@@ -23,7 +23,7 @@ from pathlib import Path
 import benchlib
 from benchlib import cell, median
 
-DEFAULT_CONFIG = benchlib.BENCH / "stragglers.yaml"
+DEFAULT_CONFIG = benchlib.BENCH / "digits.yaml"
 FRACTIONS = (0.25, 0.5, 1.0)  # of the sample budget, where the table reads the loss
 
 

@@ -1,20 +1,24 @@
 """The straggler benchmark: every policy, and plain DDP, on one problem under stragglers.
 
-    python bench/stragglers.py [--quick] [--seeds 0 1 2] [--ranks 4] [key=value ...]
+    python bench/stragglers.py [--quick] [--partitions ...] [--settings ...] [--seeds 0 1 2]
+                               [--ranks 4] [--rates-from RESULT.json] [key=value ...]
 
 Runs, then merges, two jobs on the same problem (bench/stragglers.yaml, or
 --config), seeds, topology and ranks:
 
 1. `mpiexec -n RANKS python bench/stragglers.py --worker PLAN`: every run
-   inside one job (a rank's start-up costs more than a run here). First the
-   learning-rate grid for each policy on the tuning setting (--tune-setting,
-   first seed): a policy's best rate is the one that reaches the target
-   accuracy in the fewest epochs (ties: higher final accuracy). Then every
-   setting x seed x policy at its best rate; after each run rank 0 evaluates
-   the final averaged model (model.h5) on each rank's training shard.
+   inside one job (a rank's start-up costs more than a run here). For each
+   partition of the data over the ranks: first the learning-rate grid for
+   each policy on the tuning setting (--tune-setting, first seed): a
+   policy's best rate is the one that reaches the target accuracy in the
+   fewest epochs (ties: higher final accuracy); --rates-from takes them from
+   an earlier result instead. Then every setting x seed x policy at its best
+   rate; after each run rank 0 judges the final averaged model (model.h5)
+   from each rank's side (its training shard, the test set in its class mix).
 2. `torchrun --nproc_per_node RANKS bench/ddp_reference.py PLAN`: plain
    DistributedDataParallel (gloo) on the same model, data, shards, budget and
-   straggler sleeps, at allreduce's best rate (it is the same algorithm).
+   straggler sleeps, at allreduce's best rate (it is the same algorithm), on
+   the straggler-free setting of each partition.
 
 Writes into --out: stragglers.json (plan, grid, every run, medians, the
 issue's targets against the measurements), stragglers.md (the tables) and
@@ -23,6 +27,7 @@ straggler setting). The run folders stay under --runs.
 """
 
 import argparse
+import itertools
 import json
 import math
 import sys
@@ -47,9 +52,18 @@ SETTINGS = {
                "scale": 0.02, "shape": 1.5},
     "shifting": {"name": "shifting", "count": 1, "slowdown": 4.0, "period": 0.5},
 }
+# How the training set is split over the ranks (data.partition).
+PARTITIONS = {
+    "dirichlet": {"name": "dirichlet", "alpha": 0.3},
+    # Sorted by label, cut into 2 x ranks shards, two dealt to each rank.
+    "two_classes": {"name": "shards", "classes_per_part": 2},
+}
+DEFAULT_SETTINGS = ("none", "fixed4", "pareto")
 VARIANTS = ("allreduce", "dpsgd", "async", "fixed_k", "aau", "aau_noscale")
+DEFAULT_VARIANTS = ("allreduce", "dpsgd", "async", "fixed_k", "aau")
 DEFAULT_LRS = (0.05, 0.1, 0.2)
-QUICK_OVERRIDES = ("budget.epochs=3", "eval.every_epochs=1")
+DDP_SETTING = "none"  # DDP is the outside reference for allreduce, without stragglers
+QUICK_OVERRIDES = ("budget.seconds=1", "eval.every_seconds=0.25")
 TOLERANCE = 0.01  # "within 1 point" of accuracy
 
 
@@ -69,10 +83,10 @@ def straggler_section(setting, seed):
     return section
 
 
-def run_overrides(plan, phase, setting, seed, variant, lr):
-    name = f"{phase}-{setting}-{variant}-seed{seed}-lr{lr:g}"
+def run_overrides(plan, phase, part, setting, seed, variant, lr):
+    name = f"{phase}-{part}-{setting}-{variant}-seed{seed}-lr{lr:g}"
     return [*plan["overrides"], f"name={name}", f"output.dir={plan['runs_dir']}",
-            f"seed={seed}", f"optim.lr={lr}",
+            f"seed={seed}", f"optim.lr={lr}", f"data.partition={json.dumps(PARTITIONS[part])}",
             f"policy={json.dumps(policy_section(variant, plan['tau'], plan['gamma']))}",
             f"stragglers={json.dumps(straggler_section(setting, seed))}"]
 
@@ -100,28 +114,34 @@ def worker(plan_path):
     plan = json.loads(Path(plan_path).read_text())
     world = init(device="cpu")
 
-    def train(phase, setting, seed, variant, lr):
-        overrides = run_overrides(plan, phase, setting, seed, variant, lr)
+    def train(phase, part, setting, seed, variant, lr):
+        overrides = run_overrides(plan, phase, part, setting, seed, variant, lr)
         config = benchlib.train_run(world, plan["config"], overrides)
         if world.rank != 0:
             return None
-        record = {"phase": phase, "setting": setting, "seed": seed, "variant": variant,
-                  "lr": lr, **benchlib.read_run(config)}
+        record = {"phase": phase, "partition": part, "setting": setting, "seed": seed,
+                  "variant": variant, "lr": lr, **benchlib.read_run(config)}
         model = load_model(benchlib.run_folder(config) / "model.h5")
-        record["shard_accuracy"] = benchlib.shard_accuracy(config, model, world.size)
-        print(f"{phase:5} {setting:9} seed {seed} {variant:11} lr {lr:<6g} "
+        record.update(benchlib.rank_accuracies(config, model, world.size))
+        print(f"{phase:5} {part:11} {setting:9} seed {seed} {variant:11} lr {lr:<6g} "
               f"accuracy {record['accuracy']:.4f} in {record['seconds']:.2f} s, "
               f"target at {cell(record['time_to_target'], '.2f')} s", flush=True)
         return record
 
-    tuning = [train("tune", plan["tune_setting"], plan["seeds"][0], variant, lr)
-              for variant in plan["variants"] for lr in plan["lrs"]]
-    best = world.comm.bcast(best_rates(tuning) if world.rank == 0 else None, root=0)
-    # Variants interleaved within each seed, so drifting load on the machine
-    # touches every policy alike.
-    runs = [train("run", setting, seed, variant, best[variant])
-            for setting in plan["settings"] for seed in plan["seeds"]
-            for variant in plan["variants"]]
+    tuning, best, runs = [], {}, []
+    for part in plan["partitions"]:
+        if part in plan["best_lr"]:
+            best[part] = plan["best_lr"][part]
+        else:
+            grid = [train("tune", part, plan["tune_setting"], plan["seeds"][0], variant, lr)
+                    for variant in plan["variants"] for lr in plan["lrs"]]
+            best[part] = world.comm.bcast(best_rates(grid) if world.rank == 0 else None, root=0)
+            tuning += grid
+        # Variants interleaved within each seed, so drifting load on the machine
+        # touches every policy alike.
+        runs += [train("run", part, setting, seed, variant, best[part][variant])
+                 for setting in plan["settings"] for seed in plan["seeds"]
+                 for variant in plan["variants"]]
     if world.rank == 0:
         benchlib.write_json(Path(plan["runs_dir"]) / "policies.json",
                             {"tuning": tuning, "best_lr": best, "runs": runs})
@@ -133,6 +153,11 @@ def accuracy_at(curve, seconds):
     """Accuracy of the last evaluation at or before `seconds` of training (None before the first)."""
     passed = [point[2] for point in curve if point[0] <= seconds]
     return passed[-1] if passed else None
+
+
+def time_to(curve, accuracy):
+    """Training seconds of the first evaluation at or above `accuracy` (None if none is)."""
+    return next((point[0] for point in curve if point[2] >= accuracy), None)
 
 
 def slow_ranks(setting):
@@ -149,42 +174,68 @@ def shard_gap(record, slow):
     return float(np.mean([shards[r] for r in slow]) - np.mean(others))
 
 
-def summarise(runs, settings, variants):
-    """Medians over seeds, one row per (setting, variant) that has runs."""
+def slow_class_accuracy(record, slow):
+    """Test accuracy in the slow ranks' class mix (None without a slow set)."""
+    return float(np.mean([record["class_accuracy"][r] for r in slow])) if slow else None
+
+
+def spread(values):
+    """(max - min) / median of the finite values: the seeds' run-to-run spread."""
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    return (max(values) - min(values)) / float(np.median(values)) if len(values) > 1 else None
+
+
+def summarise(runs, partitions, settings, variants):
+    """Medians over seeds, one row per (partition, setting, variant) that has runs."""
     rows = []
-    for setting in settings:
-        in_setting = [r for r in runs if r["setting"] == setting]
-        if not in_setting:
+    for part, setting in itertools.product(partitions, settings):
+        in_cell = [r for r in runs if r["partition"] == part and r["setting"] == setting]
+        if not in_cell:
             continue
-        # Accuracy at a fixed time: when the quickest run of this setting ended.
-        fixed_time = min(r["seconds"] for r in in_setting)
+        # Accuracy at a fixed time: when the quickest run of this cell ended.
+        fixed_time = min(r["seconds"] for r in in_cell)
+        slow = slow_ranks(setting)
         for variant in variants:
-            mine = [r for r in in_setting if r["variant"] == variant]
+            mine = [r for r in in_cell if r["variant"] == variant]
             if not mine:
                 continue
             to_target = [math.inf if r["time_to_target"] is None else r["time_to_target"]
                          for r in mine]
             iterations = [r["iterations"] for r in mine]
             rows.append({
-                "setting": setting, "variant": variant, "seeds": len(mine), "lr": mine[0]["lr"],
+                "partition": part, "setting": setting, "variant": variant,
+                "seeds": len(mine), "lr": mine[0]["lr"],
                 "time_to_target": float(np.median(to_target)),
+                "time_to_target_range": [min(to_target), max(to_target)],
+                "time_to_target_spread": spread(to_target),
                 "fixed_time": fixed_time,
                 "accuracy_at_fixed_time": median(accuracy_at(r["curve"], fixed_time)
                                                  for r in mine),
                 "accuracy": median(r["accuracy"] for r in mine),
                 "loss": median(r["loss"] for r in mine),
                 "samples_per_second": median(r["samples_per_second"] for r in mine),
+                "samples_per_second_spread": spread([r["samples_per_second"] for r in mine]),
                 "iterations": [median(min(i) for i in iterations),
                                median(float(np.median(i)) for i in iterations),
                                median(max(i) for i in iterations)],
                 "neighbours": median(median(r["neighbours"]) for r in mine),
                 "wait_share": median(median(r["wait_share"]) for r in mine),
-                "slow_shard_gap": median(shard_gap(r, slow_ranks(setting)) for r in mine),
+                "slow_class_accuracy": median(slow_class_accuracy(r, slow) for r in mine),
+                "slow_shard_gap": median(shard_gap(r, slow) for r in mine),
                 "shard_spread": median(max(r["shard_accuracy"]) - min(r["shard_accuracy"])
                                        for r in mine),
+                "consensus_distance": median(r["consensus_distance"] for r in mine),
                 "step_seconds": median(r["step_seconds"] for r in mine),
             })
     return rows
+
+
+def noise(rows):
+    """The seeds' spread, median over cells: of samples/s (timing noise alone: the
+    seed changes no step's cost) and of time to target (timing plus the seed's
+    data order and initial weights)."""
+    return {"samples_per_second": median(r["samples_per_second_spread"] for r in rows),
+            "time_to_target": median(r["time_to_target_spread"] for r in rows)}
 
 
 def predicted_rates(graph, slow, slowdown, tau):
@@ -203,7 +254,7 @@ def predicted_rates(graph, slow, slowdown, tau):
 
 
 def throughput_checks(rows, plan):
-    """aau's samples/s over dpsgd's in each fixed-straggler setting: the model's and measured.
+    """aau's samples/s over dpsgd's in each fixed-straggler cell: the model's and measured.
 
     Synchronous dpsgd runs every rank at the straggler's pace (N / slowdown).
     """
@@ -214,50 +265,50 @@ def throughput_checks(rows, plan):
     topology = config.topology
     graph = load_topology(Path(topology.file) if topology.file else
                           {"generator": topology.name, "params": topology.params}, plan["ranks"])
-    by = {(r["setting"], r["variant"]): r for r in rows}
+    by = {(r["partition"], r["setting"], r["variant"]): r for r in rows}
     checks = []
-    for setting in plan["settings"]:
+    for part, setting in itertools.product(plan["partitions"], plan["settings"]):
         section = SETTINGS[setting]
-        aau, dpsgd = by.get((setting, "aau")), by.get((setting, "dpsgd"))
+        aau, dpsgd = by.get((part, setting, "aau")), by.get((part, setting, "dpsgd"))
         if section["name"] != "fixed" or not aau or not dpsgd:
             continue
         rates = predicted_rates(graph, section["ranks"], section["slowdown"], plan["tau"])
-        checks.append({"setting": setting, "slowdown": section["slowdown"], "tau": plan["tau"],
+        checks.append({"partition": part, "setting": setting, "slowdown": section["slowdown"],
+                       "tau": plan["tau"],
                        "predicted": sum(rates) / (graph.n / section["slowdown"]),
                        "measured": aau["samples_per_second"] / dpsgd["samples_per_second"]})
     return checks
 
 
-def target_checks(rows):
-    """The issue's targets on 4 ranks, each with the measured value (settings that ran only)."""
-    by = {(r["setting"], r["variant"]): r for r in rows}
-    checks = []
+def verdict(aau, other, noise_share):
+    """Does aau beat `other` in one cell? On time to target when either reached it
+    (a difference within the measured run-to-run spread is a tie), else on final
+    accuracy (within TOLERANCE is a tie)."""
+    mine, theirs = aau["time_to_target"], other["time_to_target"]
+    if math.isfinite(mine) or math.isfinite(theirs):
+        ratio = mine / theirs if math.isfinite(theirs) else 0.0
+        margin = 1 + (noise_share or 0.0)
+        return ratio, "win" if ratio * margin < 1 else "loss" if ratio > margin else "tie"
+    delta = aau["accuracy"] - other["accuracy"]
+    return None, "win" if delta > TOLERANCE else "loss" if delta < -TOLERANCE else "tie"
 
-    def check(name, measured, met):
-        checks.append({"target": name, "measured": measured, "met": bool(met)})
 
-    aau = by.get(("fixed4", "aau"))
-    if aau:
-        for other in ("dpsgd", "allreduce", "ddp"):
-            if (base := by.get(("fixed4", other))) and math.isfinite(base["time_to_target"]):
-                ratio = aau["time_to_target"] / base["time_to_target"]
-                check(f"fixed4: aau time to target <= 0.5 x {other}'s", ratio, ratio <= 0.5)
-        if dpsgd := by.get(("fixed4", "dpsgd")):
-            delta = aau["accuracy"] - dpsgd["accuracy"]
-            check("fixed4: aau final accuracy within 1 point of dpsgd's (aau - dpsgd)",
-                  delta, abs(delta) <= TOLERANCE or delta > 0)
-        if asyn := by.get(("fixed4", "async")):
-            check("fixed4: aau test loss <= async's (aau - async)",
-                  aau["loss"] - asyn["loss"], aau["loss"] <= asyn["loss"])
-        if aau["slow_shard_gap"] is not None:
-            check("fixed4: aau slow rank's shard accuracy within 1 point of the others' "
-                  "(slow - others)", aau["slow_shard_gap"],
-                  aau["slow_shard_gap"] >= -TOLERANCE)
-    aau, dpsgd = by.get(("none", "aau")), by.get(("none", "dpsgd"))
-    if aau and dpsgd:
-        ratio = aau["samples_per_second"] / dpsgd["samples_per_second"]
-        check("none: aau samples/s >= 0.9 x dpsgd's", ratio, ratio >= 0.9)
-    return checks
+def comparisons(rows, noise_share):
+    """aau against every other policy in every cell: time-to-target ratio, final
+    accuracy difference, the verdict."""
+    by = {(r["partition"], r["setting"], r["variant"]): r for r in rows}
+    found = []
+    for (part, setting, variant), aau in by.items():
+        if variant != "aau":
+            continue
+        for (p, s, other), base in by.items():
+            if (p, s) != (part, setting) or other == "aau":
+                continue
+            ratio, outcome = verdict(aau, base, noise_share)
+            found.append({"partition": part, "setting": setting, "baseline": other,
+                          "time_ratio": ratio, "accuracy_delta": aau["accuracy"] - base["accuracy"],
+                          "verdict": outcome})
+    return found
 
 
 def iterations_cell(row):
@@ -265,51 +316,74 @@ def iterations_cell(row):
     return "-" if low is None else f"{low:g}/{mid:g}/{high:g}"
 
 
-ROW_HEADERS = ["setting", "policy", "lr", "seeds", "time to target (s)", "acc @ fixed time",
-               "final acc", "final loss", "samples/s", "iterations min/med/max",
-               "neighbours", "wait share", "slow shard - others", "shard spread"]
+def target_cell(row):
+    low, high = row["time_to_target_range"]
+    if not math.isfinite(row["time_to_target"]):
+        return "not reached" if math.isinf(low) else f"not reached ({low:.1f}-)"
+    return f"{row['time_to_target']:.1f} ({low:.1f}-{cell(high, '.1f')})"
+
+
+ROW_HEADERS = ["partition", "setting", "policy", "lr", "seeds", "time to target (s, range)",
+               "acc @ fixed time", "final acc", "final loss", "samples/s",
+               "iterations min/med/max", "neighbours", "wait share", "slow rank's classes",
+               "slow shard - others", "consensus distance"]
 
 
 def row_cells(row):
-    return [row["setting"], row["variant"], f"{row['lr']:g}", row["seeds"],
-            cell(row["time_to_target"], ".2f"),
+    return [row["partition"], row["setting"], row["variant"], f"{row['lr']:g}", row["seeds"],
+            target_cell(row),
             f"{cell(row['accuracy_at_fixed_time'], '.4f')} ({row['fixed_time']:.1f} s)",
             cell(row["accuracy"], ".4f"), cell(row["loss"], ".4f"),
             cell(row["samples_per_second"], ".0f"), iterations_cell(row),
             cell(row["neighbours"], ".2f"), cell(row["wait_share"], ".3f"),
-            cell(row["slow_shard_gap"], "+.4f"), cell(row["shard_spread"], ".4f")]
+            cell(row["slow_class_accuracy"], ".4f"), cell(row["slow_shard_gap"], "+.4f"),
+            cell(row["consensus_distance"], ".2e")]
 
 
 def markdown(result):
     plan = result["plan"]
+    partitions = ", ".join(f"{p} ({json.dumps(PARTITIONS[p])})" for p in plan["partitions"])
     lines = [f"# Straggler benchmark ({result['date']})", "",
              f"Machine: {result['machine']}; {result['mpi']}.  ",
-             f"Problem: `{plan['config']}` with {' '.join(plan['overrides']) or 'no overrides'}; "
-             f"{plan['ranks']} ranks, seeds {plan['seeds']}; aau tau={plan['tau']}, "
-             f"gamma={plan['gamma']}. Medians over seeds; times are training seconds "
-             f"(evaluation excluded); target accuracy {result['target']}.", "",
+             f"Problem: `{Path(plan['config']).name}` with "
+             f"{' '.join(plan['overrides']) or 'no overrides'}; {plan['ranks']} ranks, "
+             f"partitions {partitions}; seeds {plan['seeds']}; aau tau={plan['tau']}, "
+             f"gamma={plan['gamma']}. Medians over seeds (range in brackets); times are "
+             f"training seconds (evaluation excluded); target accuracy {result['target']}.  ",
+             f"Run-to-run spread ((max - min) / median over seeds, median over cells): "
+             f"samples/s {cell(result['noise']['samples_per_second'], '.1%')}, time to target "
+             f"{cell(result['noise']['time_to_target'], '.1%')}.", "",
              "## Results", "",
              benchlib.markdown_table(ROW_HEADERS, [row_cells(r) for r in result["rows"]]),
-             f"## Learning-rate grid (setting {plan['tune_setting']}, seed {plan['seeds'][0]})",
-             "",
+             "## aau against each baseline", "",
+             "Time ratio: aau's median time to target over the baseline's (0: only aau "
+             "reached it); a difference within the run-to-run spread of time to target "
+             "is a tie; where neither reached the target, final accuracy decides (within "
+             f"{TOLERANCE} is a tie).", "",
              benchlib.markdown_table(
-                 ["policy", "lr", "epochs to target", "final acc", "seconds", "chosen"],
-                 [[t["variant"], f"{t['lr']:g}", cell(t["epochs_to_target"], ".1f"),
-                   cell(t["accuracy"], ".4f"), cell(t["seconds"], ".2f"),
-                   "yes" if result["best_lr"].get(t["variant"]) == t["lr"] else ""]
-                  for t in result["tuning"]])]
+                 ["partition", "setting", "baseline", "time ratio", "final acc aau - baseline",
+                  "verdict"],
+                 [[c["partition"], c["setting"], c["baseline"], cell(c["time_ratio"], ".2f"),
+                   f"{c['accuracy_delta']:+.4f}", c["verdict"]] for c in result["comparisons"]])]
+    if result["tuning"]:
+        lines += [f"## Learning-rate grid (setting {plan['tune_setting']}, seed {plan['seeds'][0]})",
+                  "", benchlib.markdown_table(
+                      ["partition", "policy", "lr", "epochs to target", "final acc", "seconds",
+                       "chosen"],
+                      [[t["partition"], t["variant"], f"{t['lr']:g}",
+                        cell(t["epochs_to_target"], ".1f"), cell(t["accuracy"], ".4f"),
+                        cell(t["seconds"], ".2f"),
+                        "yes" if result["best_lr"][t["partition"]].get(t["variant"]) == t["lr"]
+                        else ""] for t in result["tuning"]])]
+    else:
+        lines += [f"Learning rates from {plan['rates_from']}: {json.dumps(result['best_lr'])}", ""]
     if result["throughput"]:
         lines += ["## Throughput: aau / dpsgd samples per second, model against measurement", "",
                   benchlib.markdown_table(
-                      ["setting", "slowdown", "tau", "predicted", "measured"],
-                      [[c["setting"], f"{c['slowdown']:g}", c["tau"], f"{c['predicted']:.2f}",
-                        f"{c['measured']:.2f}"] for c in result["throughput"]])]
-    if result["targets"]:
-        lines += ["## Targets", "",
-                  benchlib.markdown_table(["target", "measured", "met"],
-                                          [[c["target"], f"{c['measured']:+.3f}",
-                                            "yes" if c["met"] else "**no**"]
-                                           for c in result["targets"]])]
+                      ["partition", "setting", "slowdown", "tau", "predicted", "measured"],
+                      [[c["partition"], c["setting"], f"{c['slowdown']:g}", c["tau"],
+                        f"{c['predicted']:.2f}", f"{c['measured']:.2f}"]
+                       for c in result["throughput"]])]
     return "\n".join(lines)
 
 
@@ -317,25 +391,31 @@ def plot(result, path):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    settings = [s for s in result["plan"]["settings"]
-                if any(r["setting"] == s for r in result["runs"])]
-    variants = result["plan"]["variants"] + ["ddp"]
-    figure = Figure(figsize=(4.2 * len(settings), 3.8))
-    panels = figure.subplots(1, len(settings), squeeze=False, sharey=True)[0]
+    plan = result["plan"]
+    cells = sorted({(r["partition"], r["setting"]) for r in result["runs"]},
+                   key=lambda c: (plan["partitions"].index(c[0]), plan["settings"].index(c[1])))
+    partitions = [p for p in plan["partitions"] if any(c[0] == p for c in cells)]
+    settings = [s for s in plan["settings"] if any(c[1] == s for c in cells)]
+    variants = plan["variants"] + ["ddp"]
+    figure = Figure(figsize=(4.2 * len(settings), 3.6 * len(partitions)))
+    panels = figure.subplots(len(partitions), len(settings), squeeze=False, sharey=True)
     colours = {v: f"C{i}" for i, v in enumerate(variants)}
-    for setting, axes in zip(settings, panels):
+    for (row, part), (col, setting) in itertools.product(enumerate(partitions),
+                                                         enumerate(settings)):
+        axes = panels[row][col]
         for variant in variants:
-            runs = [r for r in result["runs"]
-                    if r["setting"] == setting and r["variant"] == variant]
+            runs = [r for r in result["runs"] if (r["partition"], r["setting"], r["variant"])
+                    == (part, setting, variant)]
             for n, run in enumerate(runs):  # every seed, one colour per policy
                 axes.plot([p[0] for p in run["curve"]], [p[2] for p in run["curve"]],
                           color=colours[variant], alpha=0.8, linewidth=1,
                           label=variant if n == 0 else None)
         axes.axhline(result["target"], color="grey", linestyle="--", linewidth=0.8)
-        axes.set(title=setting, xlabel="training time (s)")
+        axes.set(title=f"{part}, {setting}", xlabel="training time (s)")
         axes.grid(alpha=0.3)
-    panels[0].set_ylabel("test accuracy (averaged model)")
-    panels[-1].legend(fontsize="small")
+        if col == 0:
+            axes.set_ylabel("test accuracy (averaged model)")
+    panels[0][-1].legend(fontsize="small")
     FigureCanvasAgg(figure)
     figure.savefig(path, dpi=110, bbox_inches="tight")
     return path
@@ -344,21 +424,25 @@ def plot(result, path):
 def report(plan, policies, ddp, out):
     runs = policies["runs"] + ddp["runs"]
     variants = plan["variants"] + (["ddp"] if ddp["runs"] else [])
-    rows = summarise(runs, plan["settings"], variants)
+    rows = summarise(runs, plan["partitions"], plan["settings"], variants)
+    spread_now = noise(rows)
     result = {"benchmark": "stragglers", "date": benchlib.today(), "machine": benchlib.machine(),
               "mpi": benchlib.mpi_library(), "plan": plan,
               "target": next((r["target"] for r in runs), None),
               "tuning": policies["tuning"], "best_lr": policies["best_lr"],
-              "rows": rows, "throughput": throughput_checks(rows, plan),
-              "targets": target_checks(rows), "runs": runs}
+              "noise": spread_now, "rows": rows, "throughput": throughput_checks(rows, plan),
+              "comparisons": comparisons(rows, spread_now["time_to_target"]), "runs": runs}
     out = Path(out)
     paths = [benchlib.write_json(out / "stragglers.json", result), out / "stragglers.md",
              plot(result, out / "stragglers_accuracy.png")]
     paths[1].write_text(markdown(result))
     print()
     print(benchlib.text_table(ROW_HEADERS, [row_cells(r) for r in rows]))
-    for c in result["targets"]:
-        print(f"{'met ' if c['met'] else 'MISS'}  {c['target']}: {c['measured']:+.3f}")
+    print()
+    for c in result["comparisons"]:
+        print(f"aau vs {c['baseline']:10} {c['partition']:11} {c['setting']:9} "
+              f"time ratio {cell(c['time_ratio'], '.2f'):>5}  "
+              f"accuracy {c['accuracy_delta']:+.4f}  {c['verdict']}")
     print("wrote " + ", ".join(map(str, paths)))
 
 
@@ -370,14 +454,19 @@ def parse_args(argv=None):
     parser.add_argument("--quick", action="store_true",
                         help="development/test size: 1 seed, settings none and fixed4, 2 rates, "
                              f"{' '.join(QUICK_OVERRIDES)}; report into the runs folder")
+    parser.add_argument("--partitions", nargs="+", choices=list(PARTITIONS),
+                        default=list(PARTITIONS))
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="the problem (a job file)")
     parser.add_argument("--ranks", type=int, default=4)
     parser.add_argument("--settings", nargs="+", choices=list(SETTINGS))
-    parser.add_argument("--policies", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    parser.add_argument("--policies", nargs="+", choices=VARIANTS, default=list(DEFAULT_VARIANTS))
     parser.add_argument("--seeds", type=int, nargs="+")
     parser.add_argument("--lrs", type=float, nargs="+", help="the learning-rate grid")
     parser.add_argument("--tune-setting", choices=list(SETTINGS), default="none",
                         help="the setting on which each policy's rate is chosen")
+    parser.add_argument("--rates-from", metavar="RESULT",
+                        help="take each partition's tuned rates from an earlier stragglers.json "
+                             "instead of tuning (e.g. the 4-rank result for an 8-rank cell)")
     parser.add_argument("--tau", type=int, default=4, help="aau's staleness bound")
     parser.add_argument("--gamma", type=float, default=0.0, help="aau's extra-wait budget")
     parser.add_argument("--no-ddp", action="store_true", help="skip the DDP reference")
@@ -390,19 +479,34 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+def tuned_rates(args):
+    """{partition: {policy: lr}} from --rates-from ({} without it); a gap is an error."""
+    if not args.rates_from:
+        return {}
+    best = json.loads(Path(args.rates_from).read_text())["best_lr"]
+    missing = [f"{part}/{variant}" for part in args.partitions for variant in args.policies
+               if variant not in best.get(part, {})]
+    if missing:
+        raise SystemExit(f"error: {args.rates_from} has no tuned rate for {', '.join(missing)}: "
+                         "leave those out, or tune (drop --rates-from)")
+    return {part: best[part] for part in args.partitions}
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.worker:
         return worker(args.worker)
     runs_dir = Path(args.runs or f"runs/bench-stragglers-{time.strftime('%Y%m%d-%H%M%S')}")
     out = Path(args.out or (runs_dir / "report" if args.quick else benchlib.RESULTS))
-    plan = {"config": args.config, "ranks": args.ranks,
+    plan = {"config": args.config, "ranks": args.ranks, "partitions": args.partitions,
             "overrides": [*(QUICK_OVERRIDES if args.quick else ()), *args.overrides],
-            "settings": args.settings or (["none", "fixed4"] if args.quick else list(SETTINGS)),
+            "settings": args.settings or (["none", "fixed4"] if args.quick
+                                          else list(DEFAULT_SETTINGS)),
             "variants": args.policies,
             "seeds": args.seeds or ([0] if args.quick else [0, 1, 2]),
             "lrs": args.lrs or ([0.05, 0.1] if args.quick else list(DEFAULT_LRS)),
             "tune_setting": args.tune_setting, "tau": args.tau, "gamma": args.gamma,
+            "rates_from": args.rates_from, "best_lr": tuned_rates(args),
             "runs_dir": str(runs_dir.resolve())}
     if "allreduce" not in plan["variants"] and not args.no_ddp:
         raise SystemExit("error: DDP takes allreduce's tuned rate: keep allreduce in "
@@ -413,10 +517,9 @@ def main(argv=None):
                      "--worker", plan_path], args.timeout)
     policies = json.loads((runs_dir / "policies.json").read_text())
     ddp = {"runs": []}
-    if not args.no_ddp:
+    if not args.no_ddp and DDP_SETTING in plan["settings"]:
         benchlib.launch([benchlib.TORCHRUN, "--standalone", "--nproc_per_node", args.ranks,
-                         benchlib.BENCH / "ddp_reference.py", plan_path,
-                         "--lr", policies["best_lr"]["allreduce"]], args.timeout)
+                         benchlib.BENCH / "ddp_reference.py", plan_path], args.timeout)
         ddp = json.loads((runs_dir / "ddp.json").read_text())
     report(plan, policies, ddp, out)
 

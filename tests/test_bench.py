@@ -18,7 +18,8 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))
 
-import stragglers  # noqa: E402  (bench/ is not a package)
+import simulation  # noqa: E402  (bench/ is not a package)
+import stragglers  # noqa: E402
 from aau_mpi.topology import load_topology  # noqa: E402
 from launcher import ENV  # noqa: E402
 
@@ -51,33 +52,119 @@ def test_stragglers_quick(tmp_path):
     result = json.loads((out / "stragglers.json").read_text())
     plan = result["plan"]
     assert plan["settings"] == ["none", "fixed4"] and plan["seeds"] == [0]
-    # The grid: every policy at every rate, and one chosen rate each.
-    assert {(t["variant"], t["lr"]) for t in result["tuning"]} == {
-        (v, lr) for v in plan["variants"] for lr in plan["lrs"]}
-    assert set(result["best_lr"]) == set(plan["variants"])
+    assert plan["partitions"] == ["dirichlet", "two_classes"]
+    # The grid, per partition: every policy at every rate, and one chosen rate each.
+    assert {(t["partition"], t["variant"], t["lr"]) for t in result["tuning"]} == {
+        (p, v, lr) for p in plan["partitions"] for v in plan["variants"] for lr in plan["lrs"]}
+    assert all(set(result["best_lr"][p]) == set(plan["variants"]) for p in plan["partitions"])
     variants = plan["variants"] + ["ddp"]
-    assert {(r["setting"], r["variant"]) for r in result["runs"]} == {
-        (s, v) for s in plan["settings"] for v in variants}
+    # DDP on the straggler-free setting only.
+    assert {(r["partition"], r["setting"], r["variant"]) for r in result["runs"]} == {
+        (p, s, v) for p in plan["partitions"] for s in plan["settings"] for v in variants
+        if v != "ddp" or s == "none"}
     for run in result["runs"]:
-        assert run["lr"] == result["best_lr"].get(run["variant"], result["best_lr"]["allreduce"])
-        assert len(run["iterations"]) == len(run["shard_accuracy"]) == plan["ranks"]
-        assert all(0 <= a <= 1 for a in run["shard_accuracy"])
+        best = result["best_lr"][run["partition"]]
+        assert run["lr"] == best.get(run["variant"], best["allreduce"])
+        assert (len(run["iterations"]) == len(run["shard_accuracy"])
+                == len(run["class_accuracy"]) == plan["ranks"])
+        assert all(0 <= a <= 1 for a in run["shard_accuracy"] + run["class_accuracy"])
+        assert run["consensus_distance"] >= 0
         assert run["samples"] > 0 and run["seconds"] > 0 and math.isfinite(run["loss"])
         assert run["curve"] and all(len(point) == 4 for point in run["curve"])
         times = [point[0] for point in run["curve"]]
         assert times == sorted(times) and times[-1] <= run["seconds"] + 1e-6
-    assert len(result["rows"]) == len(plan["settings"]) * len(variants)
+    assert len(result["rows"]) == len(plan["partitions"]) * (2 * len(variants) - 1)
     fixed4 = [r for r in result["rows"] if r["setting"] == "fixed4"]
-    assert all(r["slow_shard_gap"] is not None for r in fixed4)
-    assert [c["setting"] for c in result["throughput"]] == ["fixed4"]
-    assert result["targets"] and all(isinstance(c["met"], bool) for c in result["targets"])
+    assert all(r["slow_shard_gap"] is not None and r["slow_class_accuracy"] is not None
+               for r in fixed4)
+    assert [(c["partition"], c["setting"]) for c in result["throughput"]] == [
+        (p, "fixed4") for p in plan["partitions"]]
+    # aau against every other policy in every cell.
+    assert {(c["partition"], c["setting"], c["baseline"]) for c in result["comparisons"]} == {
+        (r["partition"], r["setting"], r["variant"]) for r in result["rows"]
+        if r["variant"] != "aau"}
+    assert all(c["verdict"] in ("win", "loss", "tie") for c in result["comparisons"])
+    assert set(result["noise"]) == {"samples_per_second", "time_to_target"}
     markdown = (out / "stragglers.md").read_text()
-    assert "| setting | policy |" in markdown and "## Learning-rate grid" in markdown
-    assert all(f"| fixed4 | {variant} |" in markdown for variant in variants)
+    assert "| partition | setting | policy |" in markdown and "## Learning-rate grid" in markdown
+    assert "## aau against each baseline" in markdown
+    assert all(f"| two_classes | fixed4 | {variant} |" in markdown
+               for variant in plan["variants"])
     assert_png(out / "stragglers_accuracy.png")
     # The run folders stay for inspection.
-    assert (tmp_path / "runs" / "run-fixed4-aau-seed0-lr{:g}".format(
-        result["best_lr"]["aau"]) / "model.h5").is_file()
+    assert (tmp_path / "runs" / "run-two_classes-fixed4-aau-seed0-lr{:g}".format(
+        result["best_lr"]["two_classes"]["aau"]) / "model.h5").is_file()
+
+
+def synthetic_real_result(path):
+    """A straggler-benchmark result of one cell (two_classes, none; 4 ranks, seed 0)
+    at a quick size, as bench/stragglers.py writes it: what the simulator re-runs."""
+    plan = {"config": "bench/stragglers.yaml", "ranks": 4, "partitions": ["two_classes"],
+            "settings": ["none"], "seeds": [0], "variants": list(simulation.COMPARED),
+            "overrides": ["budget.seconds=0.3", "eval.every_seconds=0.05"], "tau": 4,
+            "gamma": 0.0}
+    runs = [{"partition": "two_classes", "setting": "none", "seed": 0, "variant": variant,
+             "lr": 0.1, "step_seconds": 0.004,
+             "curve": [[0.1, 100, 0.15, 2.0], [0.2, 200, 0.25 + i / 100, 1.9]]}
+            for i, variant in enumerate(simulation.COMPARED)]
+    path.write_text(json.dumps({"plan": plan, "target": 0.9, "runs": runs,
+                                "best_lr": {"dirichlet": {v: 0.1 for v in plan["variants"]}}}))
+    return path
+
+
+@pytest.mark.long
+def test_simulation_validate_and_project_quick(tmp_path):
+    """The simulator re-runs a real result's runs and compares the ratios; the
+    projection simulates every policy and setting at each N."""
+    real = synthetic_real_result(tmp_path / "real.json")
+    out = tmp_path / "out"
+    run_bench("simulation.py", "validate", "--real", real, "--runs", tmp_path / "v",
+              "--out", out, timeout=400)
+    record = json.loads((out / "simulation_validation.json").read_text())
+    assert {(s["variant"], s["ranks"]) for s in record["simulated"]} == {
+        (v, 4) for v in simulation.COMPARED}
+    assert record["step_seconds"] == {str(real): 0.004}
+    assert [(r["setting"], r["baseline"]) for r in record["rows"]] == [
+        ("none", b) for b in simulation.BASELINES]
+    assert all(r["level"] == 0.25 for r in record["rows"])  # the lowest best accuracy
+    assert "| ranks | partition |" in (out / "simulation_validation.md").read_text()
+    run_bench("simulation.py", "project", "--real", real, "--ranks", 8, "--epochs", 0.3,
+              "--step-seconds", 0.004, "--runs", tmp_path / "p", "--out", out, timeout=400)
+    record = json.loads((out / "simulation_projection.json").read_text())
+    assert {(r["setting"], r["variant"], r["scaling"]) for r in record["rows"]} == {
+        *((s, v, "sqrt") for s in simulation.PROJECTED_SETTINGS for v in simulation.COMPARED),
+        ("none", "aau", "none")}
+    assert all(r["ranks"] == 8 and r["iterations"] > 0 for r in record["rows"])
+    assert len(record["straggler_ratios"]) == 2 * len(simulation.BASELINES)
+    assert_png(out / "simulation_projection.png")
+
+
+def test_the_common_accuracy_is_the_lowest_best_on_the_grid_capped_by_the_target():
+    def run(best):
+        return {"curve": [[1.0, 10, best - 0.1, 1.0], [2.0, 20, best, 0.5]]}
+
+    assert simulation.common_level([run(0.93), run(0.61), run(0.95)], 0.9) == pytest.approx(0.6)
+    assert simulation.common_level([run(0.93), run(0.95)], 0.9) == 0.9
+    assert simulation.common_level([run(0.65)], 0.9) == pytest.approx(0.65)
+
+
+def test_validation_compares_aau_ratios_real_against_simulated():
+    def run(variant, time_to_half, setting="fixed4"):
+        return {"partition": "two_classes", "setting": setting, "seed": 0, "variant": variant,
+                "curve": [[time_to_half / 2, 1, 0.3, 1.0], [time_to_half, 2, 0.52, 0.8]]}
+
+    real = {"plan": {"ranks": 4, "partitions": ["two_classes"], "settings": ["fixed4"]},
+            "target": 0.9,
+            "runs": [run("aau", 2.0), run("dpsgd", 8.0), run("async", 2.0), run("ddp", 1.0)]}
+    simulated = [run("aau", 1.0), run("dpsgd", 5.0), run("async", 0.5)]
+    rows = simulation.compare(real, simulated)
+    assert [r["baseline"] for r in rows] == ["dpsgd", "async"]  # allreduce did not run
+    dpsgd, asyn = rows
+    assert dpsgd["level"] == pytest.approx(0.5)
+    assert dpsgd["real_ratio"] == 0.25 and dpsgd["simulated_ratio"] == 0.2
+    assert dpsgd["error"] == pytest.approx(-0.2) and dpsgd["agrees"]
+    assert asyn["real_ratio"] == 1.0 and asyn["simulated_ratio"] == 2.0
+    assert asyn["error"] == pytest.approx(1.0) and not asyn["agrees"]
 
 
 @needs_launchers
@@ -147,21 +234,39 @@ def test_best_rate_is_fewest_epochs_then_accuracy():
 
 def test_summary_rows_take_medians_and_mark_unreached_targets():
     def run(seed, to_target, accuracy):
-        return {"setting": "fixed4", "variant": "aau", "seed": seed, "lr": 0.05,
+        return {"partition": "two_classes", "setting": "fixed4", "variant": "aau",
+                "seed": seed, "lr": 0.05,
                 "time_to_target": to_target, "seconds": 2.0 + seed, "accuracy": accuracy,
                 "loss": 0.3, "samples_per_second": 100.0, "iterations": [10, 3, 10, 10],
                 "neighbours": [2, 1, 2, 2], "wait_share": [0.1, 0.0, 0.1, 0.1],
                 "shard_accuracy": [0.9, 0.8, 0.9, 1.0], "step_seconds": 0.01,
+                "class_accuracy": [0.9, 0.7 + seed / 10, 0.9, 0.9], "consensus_distance": 0.1,
                 "curve": [[0.5, 10, 0.5, 1.0], [1.5, 20, accuracy, 0.3]]}
 
     rows = stragglers.summarise([run(0, 1.0, 0.9), run(1, None, 0.8), run(2, 3.0, 0.95)],
-                                ["none", "fixed4"], ["aau"])
+                                ["dirichlet", "two_classes"], ["none", "fixed4"], ["aau"])
     assert len(rows) == 1
     row = rows[0]
     assert row["time_to_target"] == 3.0 and row["accuracy"] == 0.9
+    assert row["time_to_target_range"] == [1.0, math.inf]
+    assert row["time_to_target_spread"] == pytest.approx((3.0 - 1.0) / 2.0)  # finite ones
+    assert row["slow_class_accuracy"] == pytest.approx(0.8)  # rank 1's, median over seeds
     assert row["fixed_time"] == 2.0 and row["accuracy_at_fixed_time"] == 0.9
     assert row["iterations"] == [3, 10, 10]
     assert row["slow_shard_gap"] == pytest.approx(0.8 - 0.9333333)
     assert row["shard_spread"] == pytest.approx(0.2)
-    assert stragglers.summarise([run(1, None, 0.8)], ["fixed4"], ["aau"])[0][
+    assert stragglers.summarise([run(1, None, 0.8)], ["two_classes"], ["fixed4"], ["aau"])[0][
         "time_to_target"] == math.inf
+
+
+def test_aau_wins_on_time_beyond_the_noise_else_on_final_accuracy():
+    def row(to_target, accuracy):
+        return {"time_to_target": to_target, "accuracy": accuracy}
+
+    assert stragglers.verdict(row(5.0, 0.9), row(10.0, 0.9), 0.2) == (0.5, "win")
+    assert stragglers.verdict(row(11.0, 0.9), row(10.0, 0.9), 0.2) == (1.1, "tie")
+    assert stragglers.verdict(row(13.0, 0.9), row(10.0, 0.9), 0.2) == (1.3, "loss")
+    assert stragglers.verdict(row(8.0, 0.9), row(math.inf, 0.95), 0.2) == (0.0, "win")
+    assert stragglers.verdict(row(math.inf, 0.9), row(8.0, 0.8), 0.2) == (math.inf, "loss")
+    assert stragglers.verdict(row(math.inf, 0.85), row(math.inf, 0.80), 0.2) == (None, "win")
+    assert stragglers.verdict(row(math.inf, 0.805), row(math.inf, 0.80), 0.2) == (None, "tie")
