@@ -96,10 +96,12 @@ bench: setup bench-stragglers
 # Every policy and DDP under stragglers on MNIST-1D (4 ranks, then the 8-rank
 # cell at the 4-rank rates), the simulator against both, and its projection to
 # 1024 workers (docs/benchmarks.md). Run on a quiet machine.
+STRAGGLER_POLICIES := allreduce dpsgd async fixed_k aau aau_scaled
 bench-stragglers: setup
-	$(PY) bench/stragglers.py
-	$(PY) bench/stragglers.py --ranks 8 --partitions two_classes --settings fixed4 --no-ddp \
-		--rates-from bench/results/stragglers.json --out bench/results/stragglers8
+	$(PY) bench/stragglers.py --policies $(STRAGGLER_POLICIES)
+	$(PY) bench/stragglers.py --policies $(STRAGGLER_POLICIES) --ranks 8 --partitions two_classes \
+		--settings fixed4 --no-ddp --rates-from bench/results/stragglers.json \
+		--out bench/results/stragglers8
 	$(PY) bench/simulation.py validate --real bench/results/stragglers.json \
 		bench/results/stragglers8/stragglers.json
 	$(PY) bench/simulation.py project

@@ -271,10 +271,13 @@ class AAU(Policy):
            neighbours predicted to deposit within it from now (0 = fastest first).
     rate_scaled, max_scale: the local step is scaled by
            clip(own seconds per iteration / median neighbour's, 1, max_scale),
-           so a slow worker's fewer steps still carry its data's weight.
+           so a slow worker's fewer steps carry more weight. Off by default:
+           on strongly non-IID shards the straggler's larger steps pulled its
+           model away and the averaged model did worst on its own classes
+           (docs/benchmarks.md, "The rate-scaled step").
     """
 
-    def __init__(self, graph, rank, tau=4, gamma=0.0, rate_scaled=True, max_scale=4.0):
+    def __init__(self, graph, rank, tau=4, gamma=0.0, rate_scaled=False, max_scale=4.0):
         super().__init__(graph, rank)
         self.tau = checks.integer("policy.tau", tau, 1)
         self.gamma = checks.number("policy.gamma", gamma, 0.0)

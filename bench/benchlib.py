@@ -157,6 +157,36 @@ def read_run(config):
     }
 
 
+def run_state(folder):
+    """"finished" (summary.json written), "failed" (the folder without it: the run
+    that ended an earlier job), or "new"."""
+    folder = Path(folder)
+    if (folder / "summary.json").is_file():
+        return "finished"
+    return "failed" if folder.is_dir() else "new"
+
+
+def read_failed_run(config):
+    """What a failed run left, in read_run's fields: its evaluations; the rest None."""
+    evals = [json.loads(line) for line in
+             (run_folder(config) / "eval.jsonl").read_text().splitlines()
+             if line.strip()] if (run_folder(config) / "eval.jsonl").is_file() else []
+    last = evals[-1] if evals else {}
+    target = config.eval.target_accuracy
+    reached = next((e for e in evals if target is not None and e["accuracy"] >= target), None)
+    seconds = last.get("time", 0.0)
+    return {"folder": str(run_folder(config)), "failed": True,
+            "accuracy": last.get("accuracy"), "loss": last.get("loss"),
+            "seconds": seconds, "samples": last.get("samples", 0),
+            "samples_per_second": last["samples"] / seconds if seconds else None,
+            "target": target, "time_to_target": reached["time"] if reached else None,
+            "epochs_to_target": reached["epochs"] if reached else None,
+            "iterations": None, "neighbours": None, "wait_share": None, "sleep_share": None,
+            "step_seconds": None, "consensus_distance": last.get("consensus_distance"),
+            "curve": [[e["time"], e["samples"], e["accuracy"], e["loss"]] for e in evals],
+            "shard_accuracy": None, "class_accuracy": None}
+
+
 _DATA = {}
 
 

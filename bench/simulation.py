@@ -48,6 +48,9 @@ from benchlib import cell, median
 
 COMPARED = ("aau", "dpsgd", "async", "allreduce")
 BASELINES = ("dpsgd", "async", "allreduce")
+# Compared with the baselines too where the real result has it: aau with the
+# rate-scaled step (the default before the MNIST-1D benchmark).
+SUBJECTS = ("aau", "aau_scaled")
 AGREEMENT = 0.25          # the simulator's ratio within 25 % of the real one
 LEVEL_STEP = 0.05
 PROJECTED_RANKS = (16, 64, 256, 1024)
@@ -64,16 +67,26 @@ def simulate(task):
     import torch
 
     from aau_mpi.config import load_config
+    from aau_mpi.errors import UserError
     from aau_mpi.simulate import Simulator
 
     torch.set_num_threads(1)
     config = load_config(task["config"], [*task["overrides"], "output.progress=false"])
     started = time.perf_counter()
-    Simulator(config, task["ranks"], step_seconds=task["step_seconds"]).run()
-    record = {**task["key"], "ranks": task["ranks"], **benchlib.read_run(config),
+    try:
+        Simulator(config, task["ranks"], step_seconds=task["step_seconds"]).run()
+        run = benchlib.read_run(config)
+    except UserError as err:
+        if not str(err).startswith("training diverged"):
+            raise
+        # As a real run may: a failed run, not a failed benchmark.
+        print(f"sim {task['ranks']:5} {' '.join(map(str, task['key'].values()))}: {err}",
+              flush=True)
+        run = benchlib.read_failed_run(config)
+    record = {**task["key"], "ranks": task["ranks"], **run,
               "wall_seconds": time.perf_counter() - started}
     print(f"sim {task['ranks']:5} {' '.join(map(str, task['key'].values()))}: accuracy "
-          f"{record['accuracy']:.4f}, target at {cell(record['time_to_target'], '.2f')} "
+          f"{cell(record['accuracy'], '.4f')}, target at {cell(record['time_to_target'], '.2f')} "
           f"virtual s ({record['wall_seconds']:.0f} s)", flush=True)
     return record
 
@@ -98,7 +111,7 @@ def validation_tasks(result, runs_dir):
     step = median(r["step_seconds"] for r in result["runs"] if r["variant"] != "ddp")
     tasks = []
     for run in result["runs"]:
-        if run["variant"] not in COMPARED:
+        if run["variant"] not in COMPARED + SUBJECTS:
             continue
         overrides = stragglers.run_overrides(plan, f"sim{plan['ranks']}", run["partition"],
                                              run["setting"], run["seed"], run["variant"],
@@ -111,8 +124,10 @@ def validation_tasks(result, runs_dir):
 
 
 def common_level(runs, target):
-    """The target, or the highest multiple of LEVEL_STEP that every run reached."""
-    reached = min(max(point[2] for point in run["curve"]) for run in runs)
+    """The target, or the highest multiple of LEVEL_STEP that every finished run
+    reached (a run that diverged reaches nothing and counts as never reaching it)."""
+    reached = min(max(point[2] for point in run["curve"]) for run in runs
+                  if not run.get("failed"))
     return min(target, math.floor(reached / LEVEL_STEP + 1e-9) * LEVEL_STEP)
 
 
@@ -128,7 +143,7 @@ def cell_times(runs, level):
 def compare(real_result, simulated):
     """One row per (cell, baseline): aau's time ratio, real and simulated, and their agreement."""
     ranks = real_result["plan"]["ranks"]
-    real = [r for r in real_result["runs"] if r["variant"] in COMPARED]
+    real = [r for r in real_result["runs"] if r["variant"] in COMPARED + SUBJECTS]
     rows = []
     cells = sorted({(r["partition"], r["setting"]) for r in real},
                    key=lambda c: (real_result["plan"]["partitions"].index(c[0]),
@@ -138,14 +153,16 @@ def compare(real_result, simulated):
         sims = [r for r in simulated if (r["partition"], r["setting"]) == (part, setting)]
         level = common_level(mine, real_result["target"])
         real_times, sim_times = cell_times(mine, level), cell_times(sims, level)
-        for baseline in (b for b in BASELINES if b in real_times and "aau" in real_times):
-            real_ratio = real_times["aau"] / real_times[baseline]
-            sim_ratio = sim_times["aau"] / sim_times[baseline]
+        for subject, baseline in itertools.product(SUBJECTS, BASELINES):
+            if subject not in real_times or baseline not in real_times:
+                continue
+            real_ratio = real_times[subject] / real_times[baseline]
+            sim_ratio = sim_times[subject] / sim_times[baseline]
             error = sim_ratio / real_ratio - 1 if math.isfinite(sim_ratio * real_ratio) else None
             rows.append({"ranks": ranks, "partition": part, "setting": setting,
-                         "level": level, "baseline": baseline,
-                         "real_seconds": [real_times["aau"], real_times[baseline]],
-                         "simulated_seconds": [sim_times["aau"], sim_times[baseline]],
+                         "level": level, "subject": subject, "baseline": baseline,
+                         "real_seconds": [real_times[subject], real_times[baseline]],
+                         "simulated_seconds": [sim_times[subject], sim_times[baseline]],
                          "real_ratio": real_ratio, "simulated_ratio": sim_ratio,
                          "error": error,
                          "agrees": error is not None and abs(error) <= AGREEMENT})
@@ -160,7 +177,7 @@ VALIDATION_HEADERS = ["ranks", "partition", "setting", "accuracy", "ratio", "rea
 def validation_cells(row):
     real, sim = row["real_seconds"], row["simulated_seconds"]
     return [row["ranks"], row["partition"], row["setting"], f"{row['level']:.2f}",
-            f"aau/{row['baseline']}", f"{cell(real[0], '.1f')} / {cell(real[1], '.1f')}",
+            f"{row['subject']}/{row['baseline']}", f"{cell(real[0], '.1f')} / {cell(real[1], '.1f')}",
             cell(row["real_ratio"], ".2f"), f"{cell(sim[0], '.1f')} / {cell(sim[1], '.1f')}",
             cell(row["simulated_ratio"], ".2f"), cell(row["error"], "+.0%"),
             "yes" if row["agrees"] else "**no**"]

@@ -59,7 +59,8 @@ PARTITIONS = {
     "two_classes": {"name": "shards", "classes_per_part": 2},
 }
 DEFAULT_SETTINGS = ("none", "fixed4", "pareto")
-VARIANTS = ("allreduce", "dpsgd", "async", "fixed_k", "aau", "aau_noscale")
+# aau_scaled: aau with the rate-scaled step, its default before this benchmark.
+VARIANTS = ("allreduce", "dpsgd", "async", "fixed_k", "aau", "aau_scaled")
 DEFAULT_VARIANTS = ("allreduce", "dpsgd", "async", "fixed_k", "aau")
 DEFAULT_LRS = (0.05, 0.1, 0.2)
 DDP_SETTING = "none"  # DDP is the outside reference for allreduce, without stragglers
@@ -71,8 +72,8 @@ def policy_section(variant, tau, gamma):
     """The config's policy section for a benchmark variant."""
     if variant == "fixed_k":
         return {"name": "fixed_k", "k": 1}
-    if variant in ("aau", "aau_noscale"):
-        return {"name": "aau", "tau": tau, "gamma": gamma, "rate_scaled": variant == "aau"}
+    if variant in ("aau", "aau_scaled"):
+        return {"name": "aau", "tau": tau, "gamma": gamma, "rate_scaled": variant == "aau_scaled"}
     return {"name": variant}
 
 
@@ -94,7 +95,7 @@ def run_overrides(plan, phase, part, setting, seed, variant, lr):
 def tuning_key(record):
     """Fewest epochs to the target first, then the higher final accuracy."""
     epochs = record["epochs_to_target"]
-    return (math.inf if epochs is None else epochs, -record["accuracy"])
+    return (math.inf if epochs is None else epochs, -(record["accuracy"] or 0.0))
 
 
 def best_rates(tuning):
@@ -109,6 +110,7 @@ def best_rates(tuning):
 def worker(plan_path):
     """One rank of the MPI job: train every run of the plan."""
     from aau_mpi.checkpoint import load_model
+    from aau_mpi.config import load_config
     from aau_mpi.world import init
 
     plan = json.loads(Path(plan_path).read_text())
@@ -116,16 +118,27 @@ def worker(plan_path):
 
     def train(phase, part, setting, seed, variant, lr):
         overrides = run_overrides(plan, phase, part, setting, seed, variant, lr)
-        config = benchlib.train_run(world, plan["config"], overrides)
+        config = load_config(plan["config"], overrides)
+        folder = benchlib.run_folder(config)
+        # A relaunched job keeps what the last one finished and does not retry
+        # the run that ended it (see main).
+        state = world.comm.bcast(benchlib.run_state(folder) if world.rank == 0 else None, root=0)
+        if state == "new":
+            benchlib.train_run(world, plan["config"], overrides)
         if world.rank != 0:
             return None
         record = {"phase": phase, "partition": part, "setting": setting, "seed": seed,
-                  "variant": variant, "lr": lr, **benchlib.read_run(config)}
-        model = load_model(benchlib.run_folder(config) / "model.h5")
-        record.update(benchlib.rank_accuracies(config, model, world.size))
+                  "variant": variant, "lr": lr}
+        if state == "failed":
+            record.update(benchlib.read_failed_run(config))
+        else:
+            record.update(benchlib.read_run(config))
+            model = load_model(folder / "model.h5")
+            record.update(benchlib.rank_accuracies(config, model, world.size))
         print(f"{phase:5} {part:11} {setting:9} seed {seed} {variant:11} lr {lr:<6g} "
-              f"accuracy {record['accuracy']:.4f} in {record['seconds']:.2f} s, "
-              f"target at {cell(record['time_to_target'], '.2f')} s", flush=True)
+              f"accuracy {cell(record['accuracy'], '.4f')} in {record['seconds']:.2f} s, "
+              f"target at {cell(record['time_to_target'], '.2f')} s"
+              + (" (FAILED: ended the job)" if state == "failed" else ""), flush=True)
         return record
 
     tuning, best, runs = [], {}, []
@@ -193,7 +206,7 @@ def summarise(runs, partitions, settings, variants):
         if not in_cell:
             continue
         # Accuracy at a fixed time: when the quickest run of this cell ended.
-        fixed_time = min(r["seconds"] for r in in_cell)
+        fixed_time = min((r["seconds"] for r in in_cell if not r.get("failed")), default=0.0)
         slow = slow_ranks(setting)
         for variant in variants:
             mine = [r for r in in_cell if r["variant"] == variant]
@@ -201,7 +214,8 @@ def summarise(runs, partitions, settings, variants):
                 continue
             to_target = [math.inf if r["time_to_target"] is None else r["time_to_target"]
                          for r in mine]
-            iterations = [r["iterations"] for r in mine]
+            finished = [r for r in mine if not r.get("failed")]
+            iterations = [r["iterations"] for r in finished]
             rows.append({
                 "partition": part, "setting": setting, "variant": variant,
                 "seeds": len(mine), "lr": mine[0]["lr"],
@@ -213,17 +227,18 @@ def summarise(runs, partitions, settings, variants):
                                                  for r in mine),
                 "accuracy": median(r["accuracy"] for r in mine),
                 "loss": median(r["loss"] for r in mine),
-                "samples_per_second": median(r["samples_per_second"] for r in mine),
-                "samples_per_second_spread": spread([r["samples_per_second"] for r in mine]),
+                "samples_per_second": median(r["samples_per_second"] for r in finished),
+                "samples_per_second_spread": spread([r["samples_per_second"] for r in finished]),
                 "iterations": [median(min(i) for i in iterations),
                                median(float(np.median(i)) for i in iterations),
                                median(max(i) for i in iterations)],
-                "neighbours": median(median(r["neighbours"]) for r in mine),
-                "wait_share": median(median(r["wait_share"]) for r in mine),
-                "slow_class_accuracy": median(slow_class_accuracy(r, slow) for r in mine),
-                "slow_shard_gap": median(shard_gap(r, slow) for r in mine),
+                "neighbours": median(median(r["neighbours"]) for r in finished),
+                "wait_share": median(median(r["wait_share"]) for r in finished),
+                "slow_class_accuracy": median(slow_class_accuracy(r, slow) for r in finished),
+                "slow_shard_gap": median(shard_gap(r, slow) for r in finished),
                 "shard_spread": median(max(r["shard_accuracy"]) - min(r["shard_accuracy"])
-                                       for r in mine),
+                                       for r in finished),
+                "failed": len(mine) - len(finished),
                 "consensus_distance": median(r["consensus_distance"] for r in mine),
                 "step_seconds": median(r["step_seconds"] for r in mine),
             })
@@ -330,7 +345,8 @@ ROW_HEADERS = ["partition", "setting", "policy", "lr", "seeds", "time to target 
 
 
 def row_cells(row):
-    return [row["partition"], row["setting"], row["variant"], f"{row['lr']:g}", row["seeds"],
+    seeds = f"{row['seeds']} ({row['failed']} failed)" if row["failed"] else row["seeds"]
+    return [row["partition"], row["setting"], row["variant"], f"{row['lr']:g}", seeds,
             target_cell(row),
             f"{cell(row['accuracy_at_fixed_time'], '.4f')} ({row['fixed_time']:.1f} s)",
             cell(row["accuracy"], ".4f"), cell(row["loss"], ".4f"),
@@ -397,7 +413,7 @@ def plot(result, path):
     partitions = [p for p in plan["partitions"] if any(c[0] == p for c in cells)]
     settings = [s for s in plan["settings"] if any(c[1] == s for c in cells)]
     variants = plan["variants"] + ["ddp"]
-    figure = Figure(figsize=(4.2 * len(settings), 3.6 * len(partitions)))
+    figure = Figure(figsize=(4.2 * len(settings), 3.6 * len(partitions)), layout="constrained")
     panels = figure.subplots(len(partitions), len(settings), squeeze=False, sharey=True)
     colours = {v: f"C{i}" for i, v in enumerate(variants)}
     for (row, part), (col, setting) in itertools.product(enumerate(partitions),
@@ -411,11 +427,19 @@ def plot(result, path):
                           color=colours[variant], alpha=0.8, linewidth=1,
                           label=variant if n == 0 else None)
         axes.axhline(result["target"], color="grey", linestyle="--", linewidth=0.8)
-        axes.set(title=f"{part}, {setting}", xlabel="training time (s)")
+        axes.set(title=f"{part}, {setting}")
         axes.grid(alpha=0.3)
         if col == 0:
             axes.set_ylabel("test accuracy (averaged model)")
-    panels[0][-1].legend(fontsize="small")
+        if row == len(partitions) - 1:
+            axes.set_xlabel("training time (s)")
+    labelled = {}  # every policy once, wherever it ran (DDP only without stragglers)
+    for axes in panels.flat:
+        for line in axes.get_lines():
+            if not line.get_label().startswith("_"):
+                labelled.setdefault(line.get_label(), line)
+    figure.legend(list(labelled.values()), list(labelled), loc="outside right upper",
+                  fontsize="small")
     FigureCanvasAgg(figure)
     figure.savefig(path, dpi=110, bbox_inches="tight")
     return path
@@ -467,6 +491,11 @@ def parse_args(argv=None):
     parser.add_argument("--rates-from", metavar="RESULT",
                         help="take each partition's tuned rates from an earlier stragglers.json "
                              "instead of tuning (e.g. the 4-rank result for an 8-rank cell)")
+    parser.add_argument("--merge", nargs="+", metavar="RESULT",
+                        help="train nothing: one report of the runs of these stragglers.json "
+                             "(same problem and ranks; e.g. a re-run of one policy and the rest)")
+    parser.add_argument("--rename", nargs="+", default=[], metavar="OLD=NEW",
+                        help="with --merge: relabel variants (e.g. aau=aau_scaled)")
     parser.add_argument("--tau", type=int, default=4, help="aau's staleness bound")
     parser.add_argument("--gamma", type=float, default=0.0, help="aau's extra-wait budget")
     parser.add_argument("--no-ddp", action="store_true", help="skip the DDP reference")
@@ -492,10 +521,46 @@ def tuned_rates(args):
     return {part: best[part] for part in args.partitions}
 
 
+def merge(paths, out, renames=()):
+    """One report of several results' runs (a policy run on its own, and the others).
+    `renames` ("old=new") relabel variants, e.g. after a default changed."""
+    renamed = dict(rename.split("=", 1) for rename in renames)
+
+    def relabel(record):
+        return {**record, "variant": renamed.get(record["variant"], record["variant"])}
+
+    results = []
+    for path in paths:
+        result = json.loads(Path(path).read_text())
+        result["plan"]["variants"] = [renamed.get(v, v) for v in result["plan"]["variants"]]
+        result["runs"] = [relabel(r) for r in result["runs"]]
+        result["tuning"] = [relabel(t) for t in result["tuning"]]
+        result["best_lr"] = {part: {renamed.get(v, v): lr for v, lr in rates.items()}
+                             for part, rates in result["best_lr"].items()}
+        results.append(result)
+    plan = dict(results[0]["plan"])
+    for key in ("variants", "partitions", "settings"):
+        plan[key] = list(dict.fromkeys(v for r in results for v in r["plan"][key]))
+    if len({(r["plan"]["config"], r["plan"]["ranks"]) for r in results}) > 1:
+        raise SystemExit("error: --merge takes results of one problem and number of ranks")
+    best = {}
+    for result in results:
+        for part, rates in result["best_lr"].items():
+            best.setdefault(part, {}).update(rates)
+    runs = [run for r in results for run in r["runs"]]
+    plan["merged"] = [str(path) for path in paths]
+    plan["renamed"] = renamed
+    report(plan, {"tuning": [t for r in results for t in r["tuning"]], "best_lr": best,
+                  "runs": [run for run in runs if run["variant"] != "ddp"]},
+           {"runs": [run for run in runs if run["variant"] == "ddp"]}, out)
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.worker:
         return worker(args.worker)
+    if args.merge:
+        return merge(args.merge, Path(args.out or benchlib.RESULTS), args.rename)
     runs_dir = Path(args.runs or f"runs/bench-stragglers-{time.strftime('%Y%m%d-%H%M%S')}")
     out = Path(args.out or (runs_dir / "report" if args.quick else benchlib.RESULTS))
     plan = {"config": args.config, "ranks": args.ranks, "partitions": args.partitions,
@@ -513,8 +578,20 @@ def main(argv=None):
                          "--policies, or pass --no-ddp")
     runs_dir.mkdir(parents=True, exist_ok=True)
     plan_path = benchlib.write_json(runs_dir / "plan.json", plan)
-    benchlib.launch([benchlib.MPIEXEC, "-n", args.ranks, sys.executable, __file__,
-                     "--worker", plan_path], args.timeout)
+    # A run that diverges ends its job (the trainer's one-line error on every
+    # rank): launch again, keeping the finished runs and recording that one as
+    # failed, as long as each job gets further.
+    while True:
+        before = sum(1 for _ in runs_dir.glob("*/config.yaml"))
+        try:
+            benchlib.launch([benchlib.MPIEXEC, "-n", args.ranks, sys.executable, __file__,
+                             "--worker", plan_path], args.timeout)
+            break
+        except SystemExit:
+            if sum(1 for _ in runs_dir.glob("*/config.yaml")) == before:
+                raise
+            print("the job ended in a run (above): launching again; that run counts as "
+                  "failed", flush=True)
     policies = json.loads((runs_dir / "policies.json").read_text())
     ddp = {"runs": []}
     if not args.no_ddp and DDP_SETTING in plan["settings"]:

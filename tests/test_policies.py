@@ -129,7 +129,7 @@ def test_aau_stops_waiting_for_a_neighbour_that_is_already_late():
     (0.3, [0.1, 0.2], 2.0),      # median of the neighbours' intervals
 ])
 def test_aau_step_scale_is_clip_of_own_over_median_interval(own, neighbours, expected):
-    aau = build_policy("aau", RING, 0)
+    aau = build_policy("aau", RING, 0, {"rate_scaled": True})
     aau.deposited(0.0)
     aau.deposited(own)
     headers = snapshot(RING, 0)
@@ -137,7 +137,7 @@ def test_aau_step_scale_is_clip_of_own_over_median_interval(own, neighbours, exp
         deposit(headers, j, time=0.0, seen_by=aau)
         deposit(headers, j, time=interval, seen_by=aau)
     assert aau.step_scale() == pytest.approx(expected)
-    assert build_policy("aau", RING, 0, {"rate_scaled": False}).step_scale() == 1.0
+    assert build_policy("aau", RING, 0).step_scale() == 1.0, "off by default"
 
 
 # ---- baselines -----------------------------------------------------------
@@ -218,7 +218,7 @@ def test_state_round_trips_through_json_and_resets_sequence_numbers():
     """A resumed policy keeps its last use and timing estimates; its new
     mailbox starts from seq 0, so nothing counts as seen."""
     import json
-    policy = build_policy("aau", RING, 0, {"tau": 3})
+    policy = build_policy("aau", RING, 0, {"tau": 3, "rate_scaled": True})
     headers = snapshot(RING, 0)
     for t in range(1, 6):
         deposit(headers, 0, time=t * 0.1, seen_by=policy)
@@ -229,7 +229,7 @@ def test_state_round_trips_through_json_and_resets_sequence_numbers():
     use(policy, headers, policy.select(headers, 7, now=2.0), 7)
     state = json.loads(json.dumps(policy.state_dict()))
 
-    resumed = build_policy("aau", RING, 0, {"tau": 3})
+    resumed = build_policy("aau", RING, 0, {"tau": 3, "rate_scaled": True})
     resumed.load_state_dict(state)
     assert resumed.last_used.tolist() == policy.last_used.tolist() == [7, 7]
     assert resumed.interval == pytest.approx(policy.interval)
