@@ -55,7 +55,7 @@ AGREEMENT = 0.25          # the simulator's ratio within 25 % of the real one
 LEVEL_STEP = 0.05
 PROJECTED_RANKS = (16, 64, 256, 1024)
 PROJECTED_SETTINGS = ("none", "pareto")
-BUDGET_EPOCHS = 30
+BUDGET_EPOCHS = 20        # 320,000 samples: 625 iterations a worker at N = 16, 10 at N = 1024
 PROJECTION_PARTITION = "dirichlet"
 TUNED_RANKS = 4           # the rates come from the 4-rank benchmark
 
