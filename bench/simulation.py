@@ -272,7 +272,8 @@ def projection_rows(records, target):
                      "scaling": r["scaling"], "accuracy": r["accuracy"],
                      "samples_to_target": samples_to(r["curve"], target),
                      "time_to_target": r["time_to_target"], "seconds": r["seconds"],
-                     "iterations": median(r["iterations"])})
+                     "diverged": bool(r.get("failed")),
+                     "iterations": median(r["iterations"]) if r["iterations"] else None})
     return rows
 
 
@@ -298,7 +299,9 @@ PROJECTION_HEADERS = ["setting", "policy", "lr scaling", "N", "iterations per wo
 
 def projection_cells(row):
     return [row["setting"], row["variant"], row["scaling"], row["ranks"],
-            cell(row["iterations"], ".0f"), cell(row["accuracy"], ".4f"),
+            cell(row["iterations"], ".0f"),
+            f"diverged ({cell(row['accuracy'], '.4f')})" if row["diverged"]
+            else cell(row["accuracy"], ".4f"),
             cell(row["samples_to_target"], ",d") if row["samples_to_target"] else "not reached",
             cell(row["time_to_target"], ".2f") if row["time_to_target"] else "not reached",
             cell(row["seconds"], ".2f")]
@@ -340,12 +343,38 @@ def plot_projection(record, path):
     return path
 
 
+def recorded(task):
+    """A finished (or diverged) simulation's record, read back from its run folder."""
+    from aau_mpi.config import load_config
+
+    config = load_config(task["config"], [*task["overrides"], "output.progress=false"])
+    state = benchlib.run_state(benchlib.run_folder(config))
+    if state == "new":
+        raise SystemExit(f"error: no run folder {benchlib.run_folder(config)}: --from-runs takes "
+                         "the --runs folder of a projection with the same --ranks and --epochs")
+    run = benchlib.read_run(config) if state == "finished" else benchlib.read_failed_run(config)
+    return {**task["key"], "ranks": task["ranks"], **run}
+
+
+def recorded_step(runs_dir):
+    """The step time a finished projection ran with (its summaries' timing)."""
+    for summary in sorted(Path(runs_dir).glob("*/summary.json")):
+        return json.loads(summary.read_text())["timing"]["step_seconds"]
+    raise SystemExit(f"error: no finished simulation under {runs_dir}")
+
+
 def project(args):
     real = json.loads(Path(args.real[0]).read_text())
-    step = args.step_seconds or measured_step(real)
-    print(f"step {step * 1e3:.2f} ms; rates {real['best_lr'][PROJECTION_PARTITION]}", flush=True)
-    simulated = run_all(projection_tasks(args, real, step, Path(args.runs).resolve()),
-                        args.jobs)
+    if args.from_runs:  # report again from the run folders, simulating nothing
+        step = recorded_step(args.from_runs)
+        simulated = [recorded(task) for task in
+                     projection_tasks(args, real, step, Path(args.from_runs).resolve())]
+    else:
+        step = args.step_seconds or measured_step(real)
+        print(f"step {step * 1e3:.2f} ms; rates {real['best_lr'][PROJECTION_PARTITION]}",
+              flush=True)
+        simulated = run_all(projection_tasks(args, real, step, Path(args.runs).resolve()),
+                            args.jobs)
     rows = projection_rows(simulated, real["target"])
     record = {"benchmark": "simulation_projection", "date": benchlib.today(),
               "machine": benchlib.machine(), "tuned_on": str(args.real[0]),
@@ -390,6 +419,9 @@ def parse_args(argv=None):
     parser.add_argument("--step-seconds", type=float,
                         help="project: the step time (default: measured here)")
     parser.add_argument("--jobs", type=int, default=2, help="simulations at once")
+    parser.add_argument("--from-runs", metavar="RUNS",
+                        help="project: report from the run folders of an earlier projection "
+                             "(its --runs) instead of simulating")
     parser.add_argument("--runs", help="folder for the run folders "
                                        "(default runs/bench-simulation-<time>)")
     parser.add_argument("--out", default=str(benchlib.RESULTS), help="folder for the report")

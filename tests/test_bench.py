@@ -148,6 +148,23 @@ def test_the_common_accuracy_is_the_lowest_best_on_the_grid_capped_by_the_target
     assert simulation.common_level([run(0.65)], 0.9) == pytest.approx(0.65)
 
 
+def test_projection_rows_count_samples_to_target_and_mark_diverged_runs():
+    def record(ranks, accuracies, failed=False):
+        curve = [[0.1 * i, 1000 * i, a, 1.0] for i, a in enumerate(accuracies, 1)]
+        return {"ranks": ranks, "setting": "none", "variant": "aau", "scaling": "sqrt",
+                "accuracy": accuracies[-1], "curve": curve, "seconds": 0.1 * len(curve),
+                "time_to_target": next((p[0] for p in curve if p[2] >= 0.9), None),
+                "iterations": None if failed else [10, 12], **({"failed": True} if failed else {})}
+
+    finished, diverged = simulation.projection_rows(
+        [record(64, [0.1, 0.1], failed=True), record(16, [0.5, 0.92, 0.95])], 0.9)
+    assert finished["ranks"] == 16 and finished["samples_to_target"] == 2000
+    assert finished["iterations"] == 11 and not finished["diverged"]
+    assert diverged["diverged"] and diverged["iterations"] is None
+    assert diverged["samples_to_target"] is None
+    assert "diverged" in simulation.projection_cells(diverged)[5]
+
+
 def test_validation_compares_aau_ratios_real_against_simulated():
     def run(variant, time_to_half, setting="fixed4"):
         return {"partition": "two_classes", "setting": setting, "seed": 0, "variant": variant,
