@@ -7,7 +7,7 @@
 #   make test-long     the tests of minutes that CI leaves out (marked `long`: 8-rank kills and
 #                      resizes, the soak, the benchmarks' quick runs, the Slurm sweep; ~15 min)
 #   make bench         the benchmarks in bench/ (numbers land in bench/results/)
-#   make bench-stragglers   the straggler benchmark and the simulator's check (~95 min)
+#   make bench-stragglers   the straggler benchmark and the simulator's check (~110 min)
 #   make soak          the 16-rank soak test at full length (10 min)
 #
 # The quick path pins the CPU build of torch that this machine holds on disk;

@@ -4,16 +4,17 @@
     python bench/simulation.py project [--ranks 16 64 256 1024] [--jobs 2]
 
 validate: every run of the real benchmark's results (bench/stragglers.py) of
-the policies in COMPARED is run again in the simulator (aau_mpi.simulate):
+the policies in COMPARED and SUBJECTS is run again in the simulator
+(aau_mpi.simulate):
 the same job, partition, straggler model, seed and learning rate, N virtual
 workers for N ranks, and as the step time the real runs' own measurement
 (the median over that result's runs of one step's compute, the straggler's
 sleep left out). For each cell (partition, setting) it compares the
-time-to-accuracy ratios aau/dpsgd, aau/async and aau/allreduce, real against
-simulated, at the cell's common accuracy: the target, or below it the
-highest multiple of 0.05 that every compared run of the cell reached (in
-20 s, synchronous training under a 4x straggler does not reach 0.9). Writes
-simulation_validation.json and .md.
+time-to-accuracy ratios aau/dpsgd, aau/async and aau/allreduce (and
+aau_scaled's), real against simulated, at the cell's common accuracy: the
+target, or below it the highest multiple of 0.05 that every finished
+compared run of the cell reached (on strongly non-IID shards some policies
+stay far below 0.9 in 20 s). Writes simulation_validation.json and .md.
 
 project: N = 16 ... 1024 workers on the benchmark's job with a sample budget
 (--epochs, default BUDGET_EPOCHS, of the training set, all workers together) instead of a time
