@@ -129,6 +129,20 @@ def run_folder(config):
     return Path(config.output.dir) / config.name
 
 
+def _from_evaluations(run, config):
+    """What a run's evaluations give, finished or not."""
+    target = config.eval.target_accuracy
+    reached = next((e for e in run.evals if target is not None and e["accuracy"] >= target), None)
+    return {
+        "folder": str(run.folder), "target": target,
+        "time_to_target": reached["time"] if reached else None,
+        "epochs_to_target": reached["epochs"] if reached else None,
+        "consensus_distance": run.evals[-1]["consensus_distance"] if run.evals else None,
+        # (training seconds, global samples, accuracy, loss) of the averaged model
+        "curve": [[e["time"], e["samples"], e["accuracy"], e["loss"]] for e in run.evals],
+    }
+
+
 def read_run(config):
     """The numbers of one finished run, from its folder (call on one rank)."""
     from aau_mpi.plot import load_run
@@ -138,22 +152,15 @@ def read_run(config):
     # A step's own cost: compute without the straggler's sleep.
     steps = [r["compute"] - r.get("delay", 0.0) for records in run.ranks.values()
              for r in records]
-    target = config.eval.target_accuracy
-    reached = next((e for e in run.evals if target is not None and e["accuracy"] >= target), None)
     return {
-        "folder": str(run.folder),
+        **_from_evaluations(run, config),
         "accuracy": summary["accuracy"], "loss": summary["loss"],
         "seconds": summary["seconds"], "samples": summary["samples"],
         "samples_per_second": summary["samples"] / summary["seconds"],
-        "target": target,
         "time_to_target": summary["time_to_target"],
-        "epochs_to_target": reached["epochs"] if reached else None,
         "iterations": summary["iterations"], "neighbours": summary["neighbours"],
         "wait_share": summary["wait_share"], "sleep_share": summary["sleep_share"],
         "step_seconds": float(np.median(steps)) if steps else None,
-        "consensus_distance": run.evals[-1]["consensus_distance"] if run.evals else None,
-        # (training seconds, global samples, accuracy, loss) of the averaged model
-        "curve": [[e["time"], e["samples"], e["accuracy"], e["loss"]] for e in run.evals],
     }
 
 
@@ -167,24 +174,19 @@ def run_state(folder):
 
 
 def read_failed_run(config):
-    """What a failed run left, in read_run's fields: its evaluations; the rest None."""
-    evals = [json.loads(line) for line in
-             (run_folder(config) / "eval.jsonl").read_text().splitlines()
-             if line.strip()] if (run_folder(config) / "eval.jsonl").is_file() else []
-    last = evals[-1] if evals else {}
-    target = config.eval.target_accuracy
-    reached = next((e for e in evals if target is not None and e["accuracy"] >= target), None)
+    """What a failed run left, in read_run's fields: its evaluations (the last one
+    stands for the end); the rest None."""
+    from aau_mpi.plot import load_run
+
+    run = load_run(run_folder(config))
+    last = run.evals[-1] if run.evals else {}
     seconds = last.get("time", 0.0)
-    return {"folder": str(run_folder(config)), "failed": True,
+    return {**_from_evaluations(run, config), "failed": True,
             "accuracy": last.get("accuracy"), "loss": last.get("loss"),
             "seconds": seconds, "samples": last.get("samples", 0),
             "samples_per_second": last["samples"] / seconds if seconds else None,
-            "target": target, "time_to_target": reached["time"] if reached else None,
-            "epochs_to_target": reached["epochs"] if reached else None,
             "iterations": None, "neighbours": None, "wait_share": None, "sleep_share": None,
-            "step_seconds": None, "consensus_distance": last.get("consensus_distance"),
-            "curve": [[e["time"], e["samples"], e["accuracy"], e["loss"]] for e in evals],
-            "shard_accuracy": None, "class_accuracy": None}
+            "step_seconds": None, "shard_accuracy": None, "class_accuracy": None}
 
 
 _DATA = {}

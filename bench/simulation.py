@@ -76,20 +76,30 @@ def simulate(task):
     started = time.perf_counter()
     try:
         Simulator(config, task["ranks"], step_seconds=task["step_seconds"]).run()
-        run = benchlib.read_run(config)
     except UserError as err:
         if not str(err).startswith("training diverged"):
             raise
-        # As a real run may: a failed run, not a failed benchmark.
+        # As a real run may: a failed run (recorded so), not a failed benchmark.
         print(f"sim {task['ranks']:5} {' '.join(map(str, task['key'].values()))}: {err}",
               flush=True)
-        run = benchlib.read_failed_run(config)
-    record = {**task["key"], "ranks": task["ranks"], **run,
-              "wall_seconds": time.perf_counter() - started}
+    record = {**recorded(task), "wall_seconds": time.perf_counter() - started}
     print(f"sim {task['ranks']:5} {' '.join(map(str, task['key'].values()))}: accuracy "
           f"{cell(record['accuracy'], '.4f')}, target at {cell(record['time_to_target'], '.2f')} "
           f"virtual s ({record['wall_seconds']:.0f} s)", flush=True)
     return record
+
+
+def recorded(task):
+    """A finished (or diverged) simulation's record, read back from its run folder."""
+    from aau_mpi.config import load_config
+
+    config = load_config(task["config"], [*task["overrides"], "output.progress=false"])
+    state = benchlib.run_state(benchlib.run_folder(config))
+    if state == "new":
+        raise SystemExit(f"error: no run folder {benchlib.run_folder(config)}: --from-runs takes "
+                         "the --runs folder of a projection with the same --ranks and --epochs")
+    run = benchlib.read_run(config) if state == "finished" else benchlib.read_failed_run(config)
+    return {**task["key"], "ranks": task["ranks"], **run}
 
 
 def run_all(tasks, jobs):
@@ -342,19 +352,6 @@ def plot_projection(record, path):
     FigureCanvasAgg(figure)
     figure.savefig(path, dpi=110, bbox_inches="tight")
     return path
-
-
-def recorded(task):
-    """A finished (or diverged) simulation's record, read back from its run folder."""
-    from aau_mpi.config import load_config
-
-    config = load_config(task["config"], [*task["overrides"], "output.progress=false"])
-    state = benchlib.run_state(benchlib.run_folder(config))
-    if state == "new":
-        raise SystemExit(f"error: no run folder {benchlib.run_folder(config)}: --from-runs takes "
-                         "the --runs folder of a projection with the same --ranks and --epochs")
-    run = benchlib.read_run(config) if state == "finished" else benchlib.read_failed_run(config)
-    return {**task["key"], "ranks": task["ranks"], **run}
 
 
 def recorded_step(runs_dir):
