@@ -4,8 +4,10 @@ The deposit of iteration k must not add to iteration k's computation (spec
 section 3: "the deposit precedes the compute phase so that communication
 overlaps computation"). `Depositor.submit` hands one deposit to a thread and
 returns at once; the caller computes its next gradient meanwhile and calls
-`wait()` before it changes the deposited buffer again. So a deposit always
-carries one whole x (the no-torn-read contract needs nothing more: the
+`wait()` before it changes the deposited buffer again. The caller deposits a
+snapshot of x taken before its step returned (aau_mpi.parameters.DepositSource),
+never the live model, which the user's loop rewrites meanwhile; so a deposit
+always carries one whole x (the no-torn-read contract needs nothing more: the
 seqlock is per slot, whichever thread writes it).
 
 Why a thread and not non-blocking puts: over shared memory (Open MPI's `sm`,
@@ -49,7 +51,9 @@ def use_thread(mode, world, device):
 class Depositor:
     """At most one deposit in flight; `submit` waits for the previous one first."""
 
-    def __init__(self, mailbox, threaded=True):
+    def __init__(self, mailbox, threaded=True, on_start=None):
+        """`on_start()` runs first on the thread (e.g. selecting the rank's GPU:
+        a thread's current CUDA device is its own)."""
         self.mailbox = mailbox
         self.threaded = bool(threaded) and thread_multiple()
         self.busy_seconds = 0.0      # time the last deposit took, wherever it ran
@@ -61,8 +65,8 @@ class Depositor:
         self._closing = False
         self._lock = threading.Condition()
         if self.threaded:
-            self._thread = threading.Thread(target=self._run, name="aau_mpi-depositor",
-                                            daemon=True)
+            self._thread = threading.Thread(target=self._run, args=(on_start,),
+                                            name="aau_mpi-depositor", daemon=True)
             self._thread.start()
 
     def submit(self, before=None, **deposit):
@@ -114,7 +118,13 @@ class Depositor:
             self._error = error
         self.busy_seconds = time.perf_counter() - started
 
-    def _run(self):
+    def _run(self, on_start):
+        failed = None
+        try:
+            if on_start is not None:
+                on_start()
+        except BaseException as error:  # every deposit then fails with it, in wait()
+            failed = error
         while True:
             with self._lock:
                 while self._job is None and not self._closing:
@@ -122,7 +132,10 @@ class Depositor:
                 if self._job is None:
                     return
                 job, self._job = self._job, None
-            self._deposit(*job)
+            if failed is None:
+                self._deposit(*job)
+            else:
+                self._error = failed
             with self._lock:
                 self._in_flight = False
                 self._lock.notify_all()

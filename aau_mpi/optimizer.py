@@ -43,7 +43,7 @@ from aau_mpi.depositor import Depositor, use_thread
 from aau_mpi.errors import UserError
 from aau_mpi.events import JobEvents
 from aau_mpi.mailbox import Backoff, Mailbox
-from aau_mpi.parameters import FlatParameters, HostStaging
+from aau_mpi.parameters import DepositSource, FlatParameters
 from aau_mpi.policies import Policy, build_policy
 from aau_mpi.schedule import PREEMPTED, Schedule
 from aau_mpi.settings import ON_RANK_LOSS
@@ -78,11 +78,11 @@ class Iteration:
     compute_seconds: float        # since the previous step returned (the user's loop), + delay
     wait_seconds: float           # waiting for the policy to select, or in the Allreduce
     deposit_seconds: float        # the previous deposit, on the communication thread
-    deposit_wait_seconds: float   # this thread blocked on that deposit before mixing
+    deposit_wait_seconds: float   # this thread blocked on that deposit before the next
     mix_seconds: float            # mixing, including its host-to-device copies
     step_seconds: float           # the wrapped optimizer's step
     delay: float = 0.0            # straggler sleep (part of compute_seconds)
-    copy_seconds: float = 0.0     # device copies: the deposit's device-to-host staging (on
+    copy_seconds: float = 0.0     # the deposit's snapshot of x, its device-to-host copy (on
                                   # the communication thread) + the mix's host-to-device ones
     control_seconds: float = 0.0  # counting the step's samples, job-wide events included
     time: float = 0.0             # training clock at the end of the step
@@ -214,10 +214,7 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
         self.k = 0
         self.closed = False
         self.last = None
-        self._staging = None
         if self.policy.uses_mailbox:
-            if self.device.type == "cuda":
-                self._staging = HostStaging(self.params.flat)
             self._mix = torch.empty_like(self.params.flat)
             self._incoming = torch.empty_like(self.params.flat)
         else:
@@ -232,6 +229,12 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
             checkpoints.attach(self)
         self._deposit()
         self._returned_at = self._now()
+
+    def _select_device(self):
+        """The communication thread's first call: CUDA's current device is per thread,
+        and a thread that never sets it opens a context on GPU 0 (every rank's)."""
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
 
     def _rank_loss_mode(self, on_rank_loss, world):
         checks.choice("on_rank_loss", on_rank_loss, ON_RANK_LOSS)
@@ -260,7 +263,9 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
                                    self.policy.slots_per_neighbour, self.world.clock,
                                    self._checksum)
             self.depositor = Depositor(self.mailbox,
-                                       use_thread(self._overlap, self.world, self.device))
+                                       use_thread(self._overlap, self.world, self.device),
+                                       on_start=self._select_device)
+            self._outgoing = DepositSource(self.params.flat, self.depositor.threaded)
         previous = getattr(self, "events", None)
         self.events = JobEvents(self.comm, self._schedule or Schedule(), self.world.clock,
                                 lockstep=not self.policy.uses_mailbox,
@@ -399,7 +404,7 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
             record.wait_seconds = self._now() - waiting
             mixing = self._now()
             self._mix_selection(k, selection, record)
-            record.mix_seconds = self._now() - mixing - record.deposit_wait_seconds
+            record.mix_seconds = self._now() - mixing
             record.step_scale = self.policy.step_scale()
         else:
             self._average_gradients()
@@ -408,7 +413,7 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
         self._local_step(record.step_scale)
         record.step_seconds = self._now() - stepping
         self.k += 1
-        self._deposit()
+        self._deposit(record=record)
 
     def _after_update(self, record):
         """Count the samples (job-wide events), watch the neighbours, report, checkpoint."""
@@ -468,7 +473,6 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
 
     def _mix_selection(self, k, selection, record):
         flat, mix, incoming = self.params.flat, self._mix, self._incoming
-        self._finish_deposit(record)
         with torch.no_grad():
             torch.mul(flat, selection.self_weight, out=mix)
             used = []
@@ -504,17 +508,6 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
                 return incoming
         return copy
 
-    def _finish_deposit(self, record):
-        """The deposit in flight reads x (on the CPU) or the staging buffer, which the
-        next stage() overwrites: let it finish before x changes."""
-        started = self._now()
-        self.depositor.wait()
-        if self._staging is not None:
-            self._staging.protect()
-        record.deposit_seconds = self.depositor.busy_seconds - self.depositor.before_seconds
-        record.copy_seconds += self.depositor.before_seconds
-        record.deposit_wait_seconds = self._now() - started
-
     def _average_gradients(self):
         """The allreduce baseline: average the gradients of all ranks (watched)."""
         self.params.gradients(self._grads)
@@ -540,21 +533,29 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
             for group, rate in zip(self.optimizer.param_groups, rates):
                 group["lr"] = rate
 
-    def _deposit(self, done=False):
-        """Start depositing x_k (on the communication thread, unless done)."""
+    def _deposit(self, done=False, record=None):
+        """Start depositing x_k (on the communication thread, unless done).
+
+        The deposit in flight reads the previous snapshot: it finishes before
+        the next snapshot is taken (at most one in flight), and `record` gets
+        its times."""
         if self.mailbox is None:
             return
+        started = self._now()
         self.depositor.wait()
+        if record is not None:
+            record.deposit_wait_seconds = self._now() - started
+            record.deposit_seconds = self.depositor.busy_seconds - self.depositor.before_seconds
+            record.copy_seconds += self.depositor.before_seconds
         self.policy.deposited(self.world.clock())
         deposit = dict(iteration=self.k, slot=self.policy.deposit_slot(self.k), done=done,
                        targets=self.mailbox.out_neighbours if done
                        else self.graph.active_out(self.rank, self.k))
-        if self._staging is None:
-            self.depositor.submit(payload=self.params.flat.detach().numpy(), **deposit)
-        else:
-            self._staging.stage()
-            self.depositor.submit(before=self._staging.wait_copied,
-                                  payload=self._staging.array, **deposit)
+        snapshot = self._now()
+        payload, before = self._outgoing.take()
+        if record is not None:
+            record.copy_seconds += self._now() - snapshot
+        self.depositor.submit(before=before, payload=payload, **deposit)
         if done:
             self.depositor.wait()
 
@@ -582,8 +583,6 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
         return _Averaged(self)
 
     def _average(self, comm, idle):
-        if self.depositor is not None:
-            self.depositor.wait()  # the deposit in flight reads x
         own = self.params.flat.detach().clone()
         mine = own.cpu().numpy().astype(np.float64)
         total = np.empty_like(mine)
@@ -596,8 +595,6 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
         """This rank's state: the wrapped optimizer's, the policy's, the straggler's,
         the rank's model (flat parameters and buffers: decentralized ranks hold
         different models) and the progress counters."""
-        if self.depositor is not None:
-            self.depositor.wait()
         return {"optimizer": self.optimizer.state_dict(),
                 "policy": self.policy.state_dict(),
                 "straggler": self.straggler.state_dict(),
@@ -611,8 +608,6 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
         """Collective: continue from `state_dict()` (this rank's, of the same job size,
         or one that `Checkpointer.restore_resized` made from another job size's)."""
         self._check_open()
-        if self.depositor is not None:
-            self.depositor.wait()
         self.params.load_(state["parameters"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.policy.load_state_dict(state["policy"])

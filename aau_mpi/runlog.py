@@ -63,8 +63,8 @@ class RankLog:
             start = record.started - record.compute_seconds
             for name, seconds in (("compute", record.compute_seconds),
                                   ("wait", record.wait_seconds),
-                                  ("mix", record.mix_seconds + record.deposit_wait_seconds),
-                                  ("step", record.step_seconds)):
+                                  ("mix", record.mix_seconds), ("step", record.step_seconds),
+                                  ("deposit_wait", record.deposit_wait_seconds)):
                 self.span(name, start, seconds, k=record.iteration)
                 start += seconds
             if self._previous_end is not None:

@@ -7,6 +7,7 @@ the average of the ranks' objectives has the global optimum x_opt.
 """
 
 import itertools
+import threading
 
 import numpy as np
 import pytest
@@ -285,6 +286,76 @@ def test_an_overlapped_deposit_never_carries_a_half_updated_x():
     opt.finish()
     assert comm.allreduce(checked) > 20, "too few payloads read to exercise the race"
     assert comm.allreduce(mixed) == 0, "a deposit carried a half-updated x"
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+class SetRunningStatistics(torch.optim.Optimizer):
+    """A 'step' that sets a BatchNorm's running statistics to a new positive constant."""
+
+    def __init__(self, params, batchnorm, value):
+        super().__init__(params, {})
+        self.batchnorm, self.value = batchnorm, value
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        value = self.value()
+        self.batchnorm.running_mean.fill_(value)
+        self.batchnorm.running_var.fill_(value)
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_forward_pass_between_steps_never_reaches_a_deposit_in_flight(device):
+    """A deposit is x as of the end of step(), whatever the loop does next. Each
+    step ends with the running statistics of a BatchNorm at a positive constant;
+    right after it, while that step's deposit may still be in flight on the
+    communication thread, a forward pass in train mode (momentum 1, a constant
+    negative input) rewrites them in place: mean negative, variance 0. The
+    communication thread starts each deposit only once that forward is done (as
+    on a busy node, where it waits for a core), so the race always goes the bad
+    way. Every payload a neighbour reads must hold one positive constant there
+    (before deposits took a snapshot of x, they carried the forward's
+    statistics)."""
+    features = 1 << 20
+    world = aau_mpi.init(device=device)
+    model = torch.nn.BatchNorm1d(features, momentum=1.0, affine=False)
+    model.unused = torch.nn.Parameter(torch.zeros(1))  # x: this, the running mean, the variance
+    model.running_mean.fill_(0.5)  # x_0, the first deposit
+    model.running_var.fill_(0.5)
+    model = model.to(world.device)
+    counter = itertools.count(1)
+    inner = SetRunningStatistics(model.parameters(), model,
+                           lambda: float(comm.rank * 100_000 + next(counter)))
+    opt = aau_mpi.DecentralizedOptimizer(inner, model, policy="async", topology="ring",
+                                         world=world, watchdog=None, overlap="thread")
+    assert opt.depositor.threaded, "this MPI gives MPI_THREAD_MULTIPLE: deposits overlap"
+    deposit, forwarded = opt.mailbox.deposit, threading.Event()
+
+    def deposit_after_the_forward(*args, **kwargs):
+        forwarded.wait(timeout=30)
+        forwarded.clear()
+        deposit(*args, **kwargs)
+    opt.mailbox.deposit = deposit_after_the_forward
+    statistics = slice(1, 1 + 2 * features)
+    checked = wrong = 0
+    buffer = np.empty(opt.params.numel, np.float32)
+    inputs = torch.full((2, features), -1.0 - comm.rank, device=world.device)
+    for _ in range(40):
+        opt.step()
+        model(inputs)
+        forwarded.set()
+        for j in range(len(opt.mailbox.in_neighbours)):
+            got = opt.mailbox.read(j, out=buffer)
+            if got is None or got[0]["seq"] == 0 or got[0]["done"]:
+                continue  # (finish()'s deposit carries x as of finish(), after a forward)
+            checked += 1
+            wrong += int(buffer[1] <= 0 or not np.all(buffer[statistics] == buffer[1]))
+    opt.mailbox.deposit = deposit
+    opt.finish()
+    assert comm.allreduce(checked) > 20, "too few payloads read to exercise the race"
+    assert comm.allreduce(wrong) == 0, "a deposit carried what the loop wrote after step()"
 
 
 @pytest.mark.mpi(min_size=2)
