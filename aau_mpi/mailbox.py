@@ -3,9 +3,10 @@
 Each rank allocates ONE window with `MPI.Win.Allocate` (a window made with
 `Win.Create` lost passive progress with Open MPI: a put into a busy target
 waited for the target's whole busy period). The window holds one slot per
-in-neighbour, or `slots_per_neighbour` slots (dpsgd uses two, indexed by the
-parity of the edge's round; the caller names the slot). The mailbox knows
-nothing of policies: it moves bytes and keeps them consistent.
+in-neighbour, or `slots_per_neighbour` slots (dpsgd uses one per round a
+neighbour can run ahead, `Graph.rounds_in_flight`; the caller names the
+slot). The mailbox knows nothing of policies: it moves bytes and keeps them
+consistent.
 
 Window layout (layout version LAYOUT_VERSION, all little-endian):
 

@@ -155,26 +155,30 @@ class Policy:
 class DPSGD(Policy):
     """Synchronous D-PSGD: wait for every live active in-neighbour's iteration-k deposit.
 
-    Two slots per neighbour, by the parity of the edge's round (k // period):
-    a neighbour may deposit round r+1 before this rank has read round r, but
-    cannot deposit round r+2 before this rank has moved on (on a static graph
-    it needs this rank's round r+1 deposit, made only after reading r; on
-    the one-peer graph its two periods depend on every rank). Weights: the
-    graph's mixing row at k (Metropolis-Hastings on static undirected
-    graphs, 1/2 on the one-peer graph); a finished neighbour's weight stays
-    with this rank.
+    A neighbour j waits for this rank only through the path that leads from
+    here back to it, so it may deposit several rounds of its edge before this
+    rank has read the first: on an undirected graph two (the path is the edge
+    itself), on a directed one the distance back plus one (3 on the directed
+    exponential graph of 4 ranks, where 0 -> 2 -> 3 is rank 3's way to hear
+    from rank 0). The mailbox keeps `graph.rounds_in_flight` slots per
+    neighbour (the most, over every edge), keyed by the edge's round
+    (k // period) modulo that count, so no deposit replaces one not yet read.
+    Weights: the graph's mixing row at k (Metropolis-Hastings on static
+    undirected graphs, uniform 1/(in-degree + 1) on static directed ones,
+    1/2 on the one-peer graph); a finished neighbour's weight stays with
+    this rank.
     """
 
-    slots_per_neighbour = 2
     synchronous = True
 
     def __init__(self, graph, rank):
+        self.slots_per_neighbour = graph.rounds_in_flight
         super().__init__(graph, rank)
         self._index = {j: n for n, j in enumerate(self.neighbours)}
         self._kind = "uniform" if graph.directed else "metropolis"
 
     def deposit_slot(self, k):
-        return self.graph.edge_round(k) % 2
+        return self.graph.edge_round(k) % self.slots_per_neighbour
 
     def select(self, headers, k, now):
         slot = self.deposit_slot(k)

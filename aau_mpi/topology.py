@@ -30,7 +30,9 @@ Time-varying graphs: a graph has a `period` P (1 for every static graph) and,
 at iteration k, the edges `active_out(i, k)` / `active_in(i, k)`; the
 in/out-neighbour lists are the union over the period (what a mailbox must
 hold slots for). `edge_round(k) = k // P` counts how often the edges active
-at k have been active before (dpsgd keys its two slots by its parity).
+at k have been active before; `rounds_in_flight` is how many rounds of one
+edge a synchronous policy can have deposited and not yet read (dpsgd keeps
+that many slots per neighbour, keyed by the round modulo it).
 exponential_one_peer(n): at iteration k rank i deposits only into
 i + 2^(k mod L) mod n and reads only from i - 2^(k mod L) mod n, L =
 ceil(log2 n) (SGP's time-varying exponential graph, BlueFog's dynamic
@@ -45,6 +47,7 @@ This module is pure numpy: it must not import mpi4py or torch.
 """
 
 import argparse
+import functools
 import math
 import numbers
 import sys
@@ -161,6 +164,46 @@ class Graph:
     def edge_round(self, k):
         """How often the edges active at iteration k were active before k."""
         return k // self.period
+
+    @functools.cached_property
+    def rounds_in_flight(self):
+        """The most rounds of one edge deposited and not yet read, when every rank
+        waits at iteration k for the iteration-k deposits of its active in-neighbours.
+
+        Writer j's deposit at iteration m' waits for reader i's deposit at m + 1
+        (made after i read j's deposit at m) once a path of edges, each active
+        when it is taken, leads from i at m + 1 to j by m'; until then j may
+        deposit every round of the edge from m's on. On a static graph that is
+        the distance from i back to j plus one: 2 on undirected graphs, up to n
+        on a directed ring. The answer is the maximum over edges and phases.
+        """
+        worst = 1
+        for phase in range(self.period):
+            edges = np.array([(i, j) for i in range(self._n) for j in self.active_in(i, phase)],
+                             np.int64).reshape(-1, 2)
+            readers, writers = edges[:, 0], edges[:, 1]
+            # waits[i, a]: a's deposit at iteration k waits for i's at phase + 1.
+            waits, k, still = np.eye(self._n, dtype=bool), phase + 1, 0
+            while readers.size:
+                met = waits[readers, writers]
+                if met.any():
+                    # The edge's rounds in [phase, k) went out before the wait began.
+                    worst = max(worst, (k - phase - 1) // self.period + 1)
+                    readers, writers = readers[~met], writers[~met]
+                    continue
+                grown = waits.copy()
+                for b in range(self._n):
+                    for a in self.active_out(b, k):
+                        grown[:, a] |= waits[:, b]
+                still = still + 1 if (grown == waits).all() else 0
+                if still >= self.period:  # a whole period added nothing: it never will
+                    raise UserError(
+                        f"{self._name}: rank {writers[0]} deposits into rank {readers[0]} but "
+                        f"no path of edges leads back from {readers[0]} to {writers[0]}, so a "
+                        "synchronous policy cannot bound how far ahead it runs: add edges so "
+                        "that every node reaches every other")
+                waits, k = grown, k + 1
+        return worst
 
     def mixing_row(self, i, k=0, kind="metropolis"):
         """(self weight, {in-neighbour: weight}) of node i at iteration k: row i of

@@ -62,17 +62,32 @@ class SlowRank(Straggler):
         return f"rank slowed {self.slowdown:g}x"
 
 
+class SleepingRank(Straggler):
+    """`rank` sleeps `seconds` after every step, however long the step took."""
+
+    def __init__(self, rank, slow_rank, seconds):
+        self.seconds = seconds if rank == slow_rank else 0.0
+
+    def delay(self, step_seconds, now):
+        return self.seconds
+
+    def describe(self):
+        return f"rank sleeps {self.seconds:g} s a step"
+
+
 def train(policy, lr, slow_rank=None, slowdown=1.0, topology="ring", iterations=None,
-          sample_budget=None, overlap="auto", device="cpu"):
-    """The user's loop on this rank's shard; returns (own x, averaged x, records)."""
+          sample_budget=None, overlap="auto", device="cpu", straggler=None, watchdog=None):
+    """The user's loop on this rank's shard; returns (own x, averaged x, records).
+    `straggler` replaces the SlowRank(slow_rank, slowdown) one; `watchdog`: seconds
+    of waiting after which the job ends (a deadlock fails fast), None: off."""
     world = aau_mpi.init(device=device)
     a, b = (t.to(world.device) for t in shard(comm.rank))
     model = LeastSquares().to(world.device)
     sgd = torch.optim.SGD(model.parameters(), lr=lr(0))
     opt = aau_mpi.DecentralizedOptimizer(
         sgd, model, policy=policy, topology=topology, world=world, batch_size=1,
-        schedule=Schedule(sample_budget=sample_budget), watchdog=None, overlap=overlap,
-        stragglers=SlowRank(comm.rank, slow_rank, slowdown))
+        schedule=Schedule(sample_budget=sample_budget), watchdog=watchdog, overlap=overlap,
+        stragglers=straggler or SlowRank(comm.rank, slow_rank, slowdown))
     records = []
     while not opt.should_stop() and (iterations is None or opt.iteration < iterations):
         for group in opt.param_groups:
@@ -135,6 +150,16 @@ def simulate_dpsgd(n, iterations, lr, weights):
     return [m.x.detach().numpy() for m in models]
 
 
+def uniform_directed(graph):
+    """The directed graph's uniform weights from the edge list alone: rank i gives
+    itself and each in-neighbour 1/(in-degree + 1) (row-stochastic)."""
+    w = np.eye(graph.n)
+    for i, j in graph.edges:
+        w[j, i] = 1.0
+    w /= w.sum(axis=1, keepdims=True)
+    return lambda k: w
+
+
 def unequal_degrees(n):
     """A connected graph whose degrees differ (1 to n-1): Metropolis weights are not uniform."""
     edges = [(0, j) for j in range(1, n)] + [(1, 2)] + ([(2, 3)] if n > 4 else [])
@@ -153,15 +178,36 @@ GRAPHS = {"ring": lambda n: (generate("ring", n), metropolis(generate("ring", n)
 def test_dpsgd_equals_the_synchronous_recursion(graph_name, slow_rank, overlap):
     graph, weights = GRAPHS[graph_name](comm.size)
     x, _, records = train("dpsgd", lambda k: 0.02, slow_rank=slow_rank, slowdown=5.0,
-                          topology=graph, iterations=40, overlap=overlap)
-    expected = simulate_dpsgd(comm.size, 40, 0.02, weights)[comm.rank]
-    assert len(records) == 40
+                          topology=graph, iterations=40, overlap=overlap, watchdog=60.0)
+    check_the_recursion(graph, weights, x, records, 40)
+
+
+def check_the_recursion(graph, weights, x, records, iterations):
+    """Every active neighbour mixed at its iteration k, and x is the recursion's."""
+    expected = simulate_dpsgd(comm.size, iterations, 0.02, weights)[comm.rank]
+    assert len(records) == iterations
     for record in records:
         assert sorted(record.averaged) == sorted(graph.active_in(comm.rank, record.iteration)), \
             "dpsgd must average every active neighbour every iteration"
     assert all(s == 0 for r in records for s in r.staleness)
     relative = np.linalg.norm(x - expected) / np.linalg.norm(expected)
     assert relative <= 1e-6, f"rank {comm.rank}: {relative:.2e} from the simulation"
+
+
+@pytest.mark.mpi(min_size=4)
+@pytest.mark.parametrize("overlap", ["inline", "thread"])
+def test_dpsgd_on_a_directed_graph_waits_out_a_sleeping_rank(overlap):
+    """Issue 20: on the directed exponential graph of 4 ranks rank 3 deposits into
+    rank 0 but hears from it only over two hops (0 -> 2 -> 3), so it can deposit
+    its iteration 2 while rank 0, asleep, has not read its iteration 0. With two
+    slots by parity, x_2 replaced x_0 and rank 0 waited for ever (the watchdog
+    ends that job here); with a slot per iteration in flight, the run is the
+    synchronous recursion x_{k+1} = W x_k - lr G_k, W the graph's uniform weights."""
+    graph = generate("exponential", comm.size, {"directed": True})
+    x, _, records = train("dpsgd", lambda k: 0.02, topology=graph, iterations=8,
+                          overlap=overlap, straggler=SleepingRank(comm.rank, 0, 0.2),
+                          watchdog=20.0)
+    check_the_recursion(graph, uniform_directed(graph), x, records, 8)
 
 
 @pytest.mark.mpi(min_size=2)

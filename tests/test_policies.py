@@ -5,7 +5,7 @@ import pytest
 from aau_mpi.errors import UserError
 from aau_mpi.header import empty_headers
 from aau_mpi.policies import build_policy
-from aau_mpi.topology import generate
+from aau_mpi.topology import Graph, generate
 
 RING = generate("ring", 4)          # rank 0 reads from ranks 1 and 3
 STAR = generate("star", 5)          # rank 0 (the hub) reads from ranks 1..4
@@ -158,6 +158,37 @@ def test_dpsgd_waits_for_every_live_neighbour_at_iteration_k_by_parity():
     headers["done"][1, 0] = 1
     selection = dpsgd.select(headers, 1, now=0.2)
     assert selection.slots == [(0, 1)] and selection.self_weight == pytest.approx(2 / 3)
+
+
+DIRECTED = generate("exponential", 4, {"directed": True})  # i -> i+1, i+2: 0 reads 2 and 3
+
+
+def test_dpsgd_keeps_a_slot_per_round_a_directed_neighbour_runs_ahead():
+    """Rank 3 hears from rank 0 only over 0 -> 2 -> 3, so its iterations 1 and 2
+    can come before rank 0 reads its iteration 0: three slots, by k mod 3, keep
+    all of them (with two, iteration 2 replaced 0 and rank 0 waited for ever)."""
+    dpsgd = build_policy("dpsgd", DIRECTED, 0)
+    assert dpsgd.slots_per_neighbour == 3 == DIRECTED.rounds_in_flight
+    assert [dpsgd.deposit_slot(k) for k in range(7)] == [0, 1, 2, 0, 1, 2, 0]
+    assert build_policy("dpsgd", RING, 0).slots_per_neighbour == 2
+    headers = empty_headers(2, 3, 4)  # neighbour 0 is rank 2, neighbour 1 is rank 3
+    for k in range(3):
+        deposit(headers, 1, time=0.0, iteration=k, slot=k)
+    assert dpsgd.select(headers, 0, now=0.0) is None, "rank 2's iteration 0 is missing"
+    deposit(headers, 0, time=0.0, iteration=0, slot=0)
+    selection = dpsgd.select(headers, 0, now=0.0)
+    assert selection.slots == [(0, 0), (1, 0)]
+    assert selection.weights == [1 / 3, 1 / 3]  # uniform over 2 in-neighbours and itself
+    assert selection.self_weight == pytest.approx(1 / 3)
+    use(dpsgd, headers, selection, 0)
+    deposit(headers, 0, time=0.1, iteration=1, slot=1)
+    assert dpsgd.select(headers, 1, now=0.1).slots == [(0, 1), (1, 1)]
+
+
+def test_dpsgd_refuses_a_graph_where_a_writer_never_waits_for_its_reader():
+    with pytest.raises(UserError, match="no path of edges leads back from 1 to 0") as error:
+        build_policy("dpsgd", Graph(3, [(0, 1), (1, 2)], directed=True), 1)
+    assert "\n" not in str(error.value)
 
 
 def test_async_never_waits_and_mixes_latest_deposits_uniformly():

@@ -494,6 +494,55 @@ def test_one_peer_graph_averages_exactly_over_a_period_for_powers_of_two():
     assert np.allclose(product, 1 / 16)
 
 
+# ---- how far a synchronous writer runs ahead ---------------------------------
+
+def rounds_in_flight_by_playing(graph):
+    """rounds_in_flight by playing the synchronous run out: the reader stops at
+    iteration m without reading it, every other rank steps while its active
+    in-neighbours' deposits of its own iteration are there, and the writer's
+    deposits into the reader from m's on are counted (no formula shared)."""
+    worst = 1
+    for reader in range(graph.n):
+        for m in range(graph.period, 2 * graph.period):
+            deposited = [0] * graph.n  # every rank has deposited iterations 0..this
+            moved = True
+            while moved:
+                moved = False
+                for a in range(graph.n):
+                    k = deposited[a]
+                    if (a != reader or k < m) and all(deposited[b] >= k
+                                                      for b in graph.active_in(a, k)):
+                        deposited[a], moved = k + 1, True
+            for writer in graph.active_in(reader, m):
+                worst = max(worst, sum(reader in graph.active_out(writer, t)
+                                       for t in range(m, deposited[writer] + 1)))
+    return worst
+
+
+@pytest.mark.parametrize("name, params, n", [p for p in GENERATED if p.values[2] <= 16])
+def test_rounds_in_flight_is_what_a_synchronous_run_reaches(name, params, n):
+    graph = generate(name, n, params)
+    assert graph.rounds_in_flight == rounds_in_flight_by_playing(graph)
+
+
+def test_rounds_in_flight_is_the_way_back_plus_one():
+    assert generate("ring", 8).rounds_in_flight == 2      # back over the edge itself
+    assert generate("exponential", 4, {"directed": True}).rounds_in_flight == 3  # 0 -> 2 -> 3
+    assert generate("exponential", 16, {"directed": True}).rounds_in_flight == 5
+    assert Graph(5, [(i, (i + 1) % 5) for i in range(5)], directed=True).rounds_in_flight == 5
+    assert generate("exponential_one_peer", 8).rounds_in_flight == 2  # every rank in a period
+    assert generate("ring", 1).rounds_in_flight == 1
+
+
+def test_rounds_in_flight_refuses_a_writer_that_never_hears_from_its_reader():
+    with pytest.raises(UserError) as error:
+        Graph(3, [(0, 1), (1, 2)], directed=True, name="path").rounds_in_flight
+    assert str(error.value) == (
+        "path: rank 0 deposits into rank 1 but no path of edges leads back from 1 to 0, so "
+        "a synchronous policy cannot bound how far ahead it runs: add edges so that every "
+        "node reaches every other")
+
+
 def test_mixing_row_needs_no_dense_matrix_and_matches_it():
     graph = generate("random_regular", 12, {"degree": 3, "seed": 2})
     dense = graph.mixing_matrix("metropolis")
