@@ -444,6 +444,10 @@ def test_allreduce_leaves_frozen_and_unused_parameters_alone():
         assert torch.equal(model.state_dict()[name], start[name]), f"{name} moved"
     assert model.backbone.weight.grad is None and model.unused.grad is None
     assert model.embed.weight.grad is not None
+    model.backbone.requires_grad_(True)  # trainable is what was trainable when wrapped
+    with pytest.raises(aau_mpi.UserError, match="was frozen .* when the DecentralizedOptim"):
+        opt.step()
+    model.backbone.requires_grad_(False)
     opt.finish()
 
 

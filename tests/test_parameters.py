@@ -20,7 +20,8 @@ def test_parameters_become_views_of_flat():
     model = small_model()
     original = torch.cat([param.detach().reshape(-1).clone() for param in model.parameters()])
     flat = FlatParameters(model)
-    assert flat.numel == flat.shared_numel == flat.trainable_numel == original.numel() == flat.flat.numel()
+    assert flat.numel == flat.shared_numel == flat.trainable_numel == original.numel()
+    assert flat.flat.numel() == flat.numel
     assert torch.equal(flat.flat, original)
     start = flat.flat.data_ptr()
     end = start + flat.numel * flat.flat.element_size()
