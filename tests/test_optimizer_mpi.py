@@ -511,3 +511,25 @@ def test_a_diverged_run_saves_every_ranks_last_model_where_the_error_says(with_c
             parameters = checkpoint.read_rank_state(manifest, comm.rank)[0]["params"]
             assert np.isfinite(parameters[:SHARED]).all()
         comm.Barrier()
+
+
+@pytest.mark.mpi(min_size=2)
+def test_a_state_saved_before_the_layout_resumes_into_its_places():
+    """A state_dict (or checkpoint) written before frozen parameters were kept local
+    has no parameters_layout: its vector is every parameter, then every floating
+    buffer, and each value must land in the tensor it came from."""
+    world = aau_mpi.init(device="cpu")
+    torch.manual_seed(0)
+    model, source = FineTuned(), FineTuned()
+    opt = aau_mpi.DecentralizedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model,
+                                         world=world, watchdog=None)
+    state = opt.state_dict()
+    assert state.pop("parameters_layout") == 2
+    floating = [b for b in source.buffers() if b.is_floating_point()]  # the mask first
+    state["parameters"] = torch.cat([t.detach().reshape(-1)
+                                     for t in list(source.parameters()) + floating])
+    opt.load_state_dict(state)
+    for name, value in source.state_dict().items():
+        if value.is_floating_point():
+            assert torch.equal(model.state_dict()[name], value), name
+    opt.finish()

@@ -213,9 +213,8 @@ def test_a_vector_of_the_first_layout_loads_into_its_places():
         for tensor in list(source.parameters()) + [source.norm.running_mean,
                                                    source.norm.running_var]:
             tensor.copy_(torch.randn_like(tensor))
-    legacy = torch.cat([t.detach().reshape(-1) for t in list(source.parameters())
-                        + [source.norm.running_mean, source.norm.running_var,
-                           source.blocks[0].mask]])
+    floating = [b for b in source.buffers() if b.is_floating_point()]  # each once
+    legacy = torch.cat([t.detach().reshape(-1) for t in list(source.parameters()) + floating])
     flat = FlatParameters(model)
     flat.load_(legacy, layout=1)
     for name, value in source.state_dict().items():
