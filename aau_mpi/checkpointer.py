@@ -233,7 +233,8 @@ class Checkpointer:
         """
         opt = self.opt
         state = opt.state_dict()
-        if not torch.isfinite(state["parameters"]).all():
+        # Only what is trained and mixed can diverge: a causal mask is -inf.
+        if not torch.isfinite(state["parameters"][:opt.params.shared_numel]).all():
             raise UserError(f"training diverged: rank {opt.rank}'s parameters hold NaN or inf "
                             f"at iteration {opt.iteration}: lower the learning rate; "
                             f"{self.hint()}")
@@ -298,14 +299,16 @@ class Checkpointer:
         """
         opt, saved = self.opt, manifest.world_size
         first = saved_state(manifest, 0) if opt.rank == 0 else None
-        layout, rest = opt.comm.bcast(
-            optimizer_layout(first["optimizer"]) if first is not None else None, root=0)
+        (layout, rest), parameters_layout = opt.comm.bcast(
+            (optimizer_layout(first["optimizer"]), first.get("parameters_layout", 1))
+            if first is not None else None, root=0)
         totals = SavedTotals.read(manifest, opt.rank, opt.size, opt.params.numel, layout, first)
         totals.reduce(opt.comm)
         fresh = {"optimizer": opt.optimizer.state_dict(), "policy": opt.policy.state_dict(),
                  "straggler": opt.straggler.state_dict()}
-        opt.load_state_dict(totals.averaged_state(saved, layout, rest, opt.rank, opt.size,
-                                                  fresh))
+        opt.load_state_dict({**totals.averaged_state(saved, layout, rest, opt.rank, opt.size,
+                                                     fresh),
+                             "parameters_layout": parameters_layout})
         if totals.with_optimizer != saved:
             momentum = (f"; optimizer state reset ({saved - totals.with_optimizer} of the "
                         f"{saved} saved ranks' differed from rank 0's)")

@@ -43,8 +43,8 @@ def evaluate_job(opt, comm, x_test, y_test, batch_size):
     model = opt.model
     own_loss, own_correct = loss_and_correct(model, x_test, y_test, batch_size)
     with opt.averaged() as averaged:
-        distance = float(torch.sum((averaged.own.to(opt.params.flat.device)
-                                    - opt.params.flat) ** 2))
+        distance = float(torch.sum((averaged.own.to(opt.params.device)
+                                    - opt.params.shared) ** 2))
         share = slice(rank, n, size)
         bar_loss, bar_correct = loss_and_correct(model, x_test[share], y_test[share], batch_size)
     local = np.array([bar_loss, bar_correct, distance], np.float64)

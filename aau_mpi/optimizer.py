@@ -20,7 +20,10 @@ or Horovod's DistributedOptimizer) and runs spec section 3 around its step:
              k += 1; deposit(x_{k+1}) starts.
 
 The model's parameters and floating buffers live in one flat tensor on the
-model's device (aau_mpi.parameters): the mix and the step happen there. On
+model's device (aau_mpi.parameters): the mix and the step happen there.
+Only its communicated part (`params.shared`: the trainable parameters and
+the persistent floating buffers) is deposited, mixed and averaged; frozen
+parameters and non-persistent buffers (a causal mask) stay as they are. On
 a GPU, one device-to-host copy per deposit (asynchronous, on its own stream,
 into pinned memory) and one host-to-device copy per neighbour payload mixed;
 gradients never leave the device except for the allreduce baseline.
@@ -31,8 +34,10 @@ a torch model, and the trainer (aau_mpi.train) is one user of it.
 """
 
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -43,7 +48,7 @@ from aau_mpi.depositor import Depositor, use_thread
 from aau_mpi.errors import UserError
 from aau_mpi.events import JobEvents
 from aau_mpi.mailbox import Backoff, Mailbox
-from aau_mpi.parameters import DepositSource, FlatParameters
+from aau_mpi.parameters import LAYOUT, DepositSource, FlatParameters
 from aau_mpi.policies import Policy, build_policy
 from aau_mpi.schedule import PREEMPTED, Schedule
 from aau_mpi.settings import ON_RANK_LOSS
@@ -215,13 +220,13 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
         self.closed = False
         self.last = None
         if self.policy.uses_mailbox:
-            self._mix = torch.empty_like(self.params.flat)
-            self._incoming = torch.empty_like(self.params.flat)
+            self._mix = torch.empty_like(self.params.shared)
+            self._incoming = torch.empty_like(self.params.shared)
         else:
-            self._grads = torch.empty(self.params.param_numel, dtype=torch.float32,
+            self._grads = torch.empty(self.params.gradient_numel, dtype=torch.float32,
                                       device=self.device)
             self._host_grads = (self._grads.numpy() if self.device.type == "cpu" else
-                                np.empty(self.params.param_numel, np.float32))
+                                np.empty(self.params.gradient_numel, np.float32))
         self._connect()
         if handle_signals:
             self.events.handle_signals()
@@ -259,13 +264,13 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
         self.mailbox = self.depositor = None
         if self.policy.uses_mailbox:
             self.mailbox = Mailbox(self.comm, self.graph.in_neighbours(self.rank),
-                                   self.graph.out_neighbours(self.rank), self.params.numel,
+                                   self.graph.out_neighbours(self.rank), self.params.shared_numel,
                                    self.policy.slots_per_neighbour, self.world.clock,
                                    self._checksum)
             self.depositor = Depositor(self.mailbox,
                                        use_thread(self._overlap, self.world, self.device),
                                        on_start=self._select_device)
-            self._outgoing = DepositSource(self.params.flat, self.depositor.threaded)
+            self._outgoing = DepositSource(self.params.shared, self.depositor.threaded)
         previous = getattr(self, "events", None)
         self.events = JobEvents(self.comm, self._schedule or Schedule(), self.world.clock,
                                 lockstep=not self.policy.uses_mailbox,
@@ -288,13 +293,16 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
                             "parameters: build it from model.parameters() of the model you pass")
 
     def _check_same_model(self, comm):
-        """Collective: every rank must train the same architecture."""
-        shapes = [tuple(p.shape) for p in self.params.params]
-        everyone = comm.allgather((self.params.numel, hash(tuple(shapes))))
+        """Collective: every rank must train the same architecture, with the same
+        parameters frozen (the mailbox holds what each rank trains)."""
+        shapes = [(tuple(p.shape), p.requires_grad) for p in self.params.params]
+        everyone = comm.allgather((self.params.numel, self.params.shared_numel,
+                                   hash(tuple(shapes))))
         if len(set(everyone)) > 1:
-            numels = sorted({n for n, _ in everyone})
+            numels = sorted({(n, shared) for n, shared, _ in everyone})
             raise UserError(f"ranks built different models ({len(set(everyone))} kinds; "
-                            f"sizes {numels} values): build the same model on every rank")
+                            f"(values, communicated values) {numels}): build the same model, "
+                            f"with the same parameters frozen, on every rank")
 
     def _broadcast_initial_model(self):
         """Spec section 3: x_0 identical on every rank (rank 0's)."""
@@ -326,6 +334,17 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
             return "no deposits (gradient Allreduce)"
         return ("deposits overlapped on a communication thread" if self.depositor.threaded
                 else "deposits inline (no MPI_THREAD_MULTIPLE, or overlap off)")
+
+    def communicated(self):
+        """What each deposit (or gradient Allreduce) carries, in words (for the start-up line)."""
+        params = self.params
+        if self.depositor is None:
+            sent = f"{params.trainable_numel:,} gradient values per Allreduce"
+        else:
+            sent = (f"{params.shared_numel:,} values ({4 * params.shared_numel / 2**20:.1f} MiB) "
+                    f"per deposit")
+        local = params.numel - params.shared_numel
+        return sent + (f", {local:,} frozen or non-persistent values kept local" if local else "")
 
     def __repr__(self):
         return (f"DecentralizedOptimizer({type(self.optimizer).__name__}, policy "
@@ -372,6 +391,11 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
                             "DecentralizedOptimizer was built (e.g. model.to() or "
                             "load_state_dict(assign=True)): move the model to its device "
                             "before wrapping it, and load weights with copy semantics")
+        if not self.params.frozen_unchanged():
+            raise UserError("a parameter that was frozen (requires_grad=False) when the "
+                            "DecentralizedOptimizer was built requires grad now: it would "
+                            "train on each rank without being averaged; call finish() and "
+                            "build a new DecentralizedOptimizer to change what is trained")
 
     def step(self, closure=None):
         """One iteration (spec section 3), after the user's backward pass."""
@@ -472,7 +496,7 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
                               lambda which: self.policy.skip(which, headers), must_end=False)
 
     def _mix_selection(self, k, selection, record):
-        flat, mix, incoming = self.params.flat, self._mix, self._incoming
+        flat, mix, incoming = self.params.shared, self._mix, self._incoming
         with torch.no_grad():
             torch.mul(flat, selection.self_weight, out=mix)
             used = []
@@ -574,8 +598,8 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
 
     def averaged(self):
         """Collective context manager: the model holds the average of all ranks' models
-        inside the `with` block (`.own` is this rank's own flat vector), and its
-        own again after it.
+        inside the `with` block (`.own` is this rank's own communicated vector,
+        `params.shared`), and its own again after it.
 
             with opt.averaged():
                 accuracy = evaluate(model)
@@ -583,7 +607,7 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
         return _Averaged(self)
 
     def _average(self, comm, idle):
-        own = self.params.flat.detach().clone()
+        own = self.params.shared.detach().clone()
         mine = own.cpu().numpy().astype(np.float64)
         total = np.empty_like(mine)
         wait_for(comm.Iallreduce(mine, total), idle, self.poll_cap)
@@ -593,12 +617,14 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
 
     def state_dict(self):
         """This rank's state: the wrapped optimizer's, the policy's, the straggler's,
-        the rank's model (flat parameters and buffers: decentralized ranks hold
-        different models) and the progress counters."""
+        the rank's model (flat parameters and buffers, all of them, and their
+        layout: decentralized ranks hold different models) and the progress
+        counters."""
         return {"optimizer": self.optimizer.state_dict(),
                 "policy": self.policy.state_dict(),
                 "straggler": self.straggler.state_dict(),
                 "parameters": self.params.flat.detach().clone(),
+                "parameters_layout": LAYOUT,
                 "iteration": self.k,
                 "own_samples": self.events.own_samples,
                 "training_seconds": self.events.training_seconds(),
@@ -608,7 +634,8 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
         """Collective: continue from `state_dict()` (this rank's, of the same job size,
         or one that `Checkpointer.restore_resized` made from another job size's)."""
         self._check_open()
-        self.params.load_(state["parameters"])
+        # A state saved before the layout was recorded is of layout 1.
+        self.params.load_(state["parameters"], state.get("parameters_layout", 1))
         self.optimizer.load_state_dict(state["optimizer"])
         self.policy.load_state_dict(state["policy"])
         self.straggler.load_state_dict(state["straggler"])
@@ -628,12 +655,16 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
     # ---- the end ----------------------------------------------------------------
 
     def finish(self):
-        """Collective: stop, checkpoint (if configured), average all ranks' models.
+        """Collective: stop, average all ranks' models, checkpoint (if configured).
 
         A final deposit marked done comes first, so no neighbour waits for this
         rank while it waits here; until every rank is here it keeps serving
         evaluations. Returns the model, which then holds the average x_bar (of
-        the survivors, after a lost rank).
+        the survivors, after a lost rank) and every rank's largest count in its
+        integer buffers (BatchNorm's num_batches_tracked): the same model on
+        every rank. When the average holds NaN or inf (some rank's model
+        does), no checkpoint is written; every rank saves its own last model
+        (`_save_diverged`) and raises a UserError that says where.
         """
         self._check_open()
         result = {}
@@ -641,14 +672,19 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
         def final():
             if self.mailbox:
                 self._deposit(done=True)
-            if self.checkpoints is not None:
-                self.checkpoints.write(final=True)
             result["own"], result["average"] = self._average(self.comm,
                                                              self._serve_while_finishing)
+            # The average is finite only where every rank's model is.
+            if not torch.isfinite(result["average"]).all():
+                result["diverged"] = self._save_diverged()
+                return
+            self._equal_counters(self.comm, self._serve_while_finishing)
+            if self.checkpoints is not None:
+                self.checkpoints.write(final=True)
         while not self._surviving(final):
             pass
-        average = result["average"]
-        self.params.load_(average)
+        if "diverged" not in result:
+            self.params.shared.copy_(result["average"])
         if self.mailbox:
             self.depositor.close()
             self.mailbox.close()
@@ -658,10 +694,64 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
         for comm in (self.comm, self._events_comm):
             comm.Free()
         self.closed = True
-        if not torch.isfinite(average).all():
-            raise UserError("training diverged: the averaged parameters hold NaN or inf: "
-                            "lower the learning rate")
+        if "diverged" in result:
+            raise UserError(result["diverged"])
         return self.model
+
+    def _equal_counters(self, comm, idle):
+        """Collective: every integer buffer (BatchNorm's num_batches_tracked) takes the
+        largest count of any rank. They count steps, so they are not averaged,
+        but ranks take different numbers of steps and the final models must be
+        one model."""
+        counters = [owner._buffers[name] for owner, name in self.params.counters]
+        if not counters:
+            return
+        mine = np.concatenate([c.detach().cpu().numpy().astype(np.int64).ravel()
+                               for c in counters])
+        largest = np.empty_like(mine)
+        wait_for(comm.Iallreduce(mine, largest, op=MPI.MAX), idle, self.poll_cap)
+        offset = 0
+        for counter in counters:
+            counter.copy_(torch.from_numpy(largest[offset:offset + counter.numel()])
+                          .view_as(counter))
+            offset += counter.numel()
+
+    def _save_diverged(self):
+        """Collective, when the average holds NaN or inf: every rank saves its own last
+        model (its state_dict, torch.save) as rank-NNNNN.pt (its original rank) in
+        a new folder diverged-<time>-<random> of the checkpointer's folder, or of
+        the current one without a checkpointer; nothing there is overwritten.
+        Returns the error's line."""
+        base = self.checkpoints.root if self.checkpoints is not None else Path.cwd()
+        folder = None
+        if self.rank == 0:
+            try:
+                base.mkdir(parents=True, exist_ok=True)
+                folder = Path(tempfile.mkdtemp(
+                    prefix=f"diverged-{time.strftime('%Y%m%d-%H%M%S')}-", dir=base))
+            except OSError as error:
+                folder = " ".join(str(error).split())
+        folder = self.comm.bcast(folder, root=0)
+        problem = None
+        if isinstance(folder, Path):
+            try:
+                torch.save({name: value.detach().cpu()
+                            for name, value in self.model.state_dict().items()},
+                           folder / f"rank-{self.original_rank:05d}.pt")
+            except OSError as error:
+                problem = " ".join(str(error).split())
+        else:
+            problem = folder
+        finite = bool(torch.isfinite(self.params.shared).all())
+        reports = self.comm.allgather((self.original_rank, finite, problem))
+        bad = [rank for rank, finite, _ in reports if not finite]
+        problems = [f"rank {rank}: {problem}" for rank, _, problem in reports if problem]
+        saved = (f"each rank's last model is saved as {folder}/rank-NNNNN.pt "
+                 f"(model.load_state_dict(torch.load(path)))" if not problems else
+                 f"the ranks' last models could not be saved under {base} "
+                 f"({'; '.join(problems)})")
+        return (f"training diverged: rank(s) {bad} hold NaN or inf in their parameters, and so "
+                f"does their average: {saved}; lower the learning rate")
 
     def _serve_while_finishing(self):
         self._check_for_loss()
@@ -765,9 +855,9 @@ class _Averaged:
         while not opt._surviving(average):
             pass
         self.own = result["own"]
-        opt.params.load_(result["average"])
+        opt.params.shared.copy_(result["average"])
         return self
 
     def __exit__(self, *exc):
-        self.opt.params.load_(self.own)
+        self.opt.params.shared.copy_(self.own)
         return False

@@ -372,7 +372,8 @@ def main(argv=None):
     if world.rank == 0:
         print(f"{world.size} ranks, {trainer.graph.name}, policy {config.policy.name}, "
               f"device {trainer.device}, {world.threads_per_rank()} torch thread(s) per rank, "
-              f"{trainer.opt.deposit_mode()}; run folder {trainer.folder}", flush=True)
+              f"{trainer.opt.deposit_mode()}, {trainer.opt.communicated()}; run folder "
+              f"{trainer.folder}", flush=True)
     return trainer.run()
 
 

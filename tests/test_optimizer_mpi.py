@@ -7,7 +7,12 @@ the average of the ranks' objectives has the global optimum x_opt.
 """
 
 import itertools
+import re
+import shutil
+import tempfile
 import threading
+from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +20,7 @@ import torch
 from mpi4py import MPI
 
 import aau_mpi
+from aau_mpi import checkpoint
 from aau_mpi.schedule import Schedule
 from aau_mpi.stragglers import Straggler
 from aau_mpi.topology import Graph, generate
@@ -420,8 +426,8 @@ def test_api_misuse_is_a_user_error_on_every_rank():
     model.double().float()
     with pytest.raises(aau_mpi.UserError, match="moved or replaced"):
         opt.step()
-    for p, (_, offset) in zip(opt.params.params, opt.params._views):
-        p.data = opt.params.flat[offset:offset + p.numel()].view_as(p)  # views back
+    for p, _, offset in opt.params._places:  # views back (LeastSquares has no buffers)
+        p.data = opt.params.flat[offset:offset + p.numel()].view_as(p)
     opt.finish()
     with pytest.raises(aau_mpi.UserError, match="is closed"):
         opt.step()
@@ -460,3 +466,187 @@ def test_batchnorm_statistics_are_averaged_with_the_weights():
     assert torch.allclose(model[0].running_mean, torch.stack(means).mean(0), atol=1e-6)
     for rank, mean in enumerate(means):  # mixed: far from the rank's own offset
         assert mean.abs().max() < 1.0, f"rank {rank} (offset {offsets[rank]:.1f}): {mean}"
+
+
+@contextmanager
+def shared_folder():
+    """A temporary folder that every rank of the job writes in (one node)."""
+    folder = Path(comm.bcast(tempfile.mkdtemp() if comm.rank == 0 else None, root=0))
+    try:
+        yield folder
+    finally:
+        comm.Barrier()
+        if comm.rank == 0:
+            shutil.rmtree(folder)
+
+
+VOCAB, WIDTH, CONTEXT = 12, 8, 6
+
+
+class FineTuned(torch.nn.Module):
+    """What a user brings to fine-tune: a frozen backbone, BatchNorm, an output layer
+    tied to the embedding, a trainable parameter this task never uses, and a causal
+    mask of -inf as a non-persistent buffer."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(VOCAB, WIDTH)
+        self.backbone = torch.nn.Linear(WIDTH, WIDTH).requires_grad_(False)
+        self.norm = torch.nn.BatchNorm1d(WIDTH)
+        self.out = torch.nn.Linear(WIDTH, VOCAB, bias=False)
+        self.out.weight = self.embed.weight
+        self.unused = torch.nn.Parameter(torch.ones(3))
+        self.register_buffer("mask", torch.full((CONTEXT, CONTEXT), -float("inf")).triu(1),
+                             persistent=False)
+
+    def forward(self, tokens):
+        h = self.embed(tokens)
+        scores = h @ h.transpose(1, 2) / WIDTH ** 0.5 + self.mask
+        h = torch.relu(self.backbone(h + scores.softmax(-1) @ h))
+        return self.out(self.norm(h.transpose(1, 2)).transpose(1, 2))
+
+
+def fine_tune(policy, iterations, checkpoints=None):
+    """The user's loop on its own token stream; returns (model, opt, x_0's state, mask)."""
+    world = aau_mpi.init(device="cpu")
+    torch.manual_seed(comm.rank)  # different on every rank: the wrapper broadcasts rank 0's
+    model = FineTuned()
+    sgd = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=0.1)
+    opt = aau_mpi.DecentralizedOptimizer(sgd, model, policy=policy, topology="ring",
+                                         world=world, watchdog=None, checkpoints=checkpoints)
+    start = {name: value.clone() for name, value in model.state_dict().items()}
+    mask = model.mask.clone()
+    generator = torch.Generator().manual_seed(comm.rank)
+    while opt.iteration < iterations:
+        tokens = torch.randint(0, VOCAB, (16, CONTEXT), generator=generator)
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(tokens)[:, :-1].flatten(0, 1),
+                                          tokens[:, 1:].flatten()).backward()
+        opt.step()
+    return model, opt, start, mask
+
+
+FROZEN = ("backbone.weight", "backbone.bias")
+# What is communicated: the trainable parameters (the tied weight once) and
+# BatchNorm's running mean and variance.
+SHARED = VOCAB * WIDTH + 2 * WIDTH + 3 + 2 * WIDTH
+
+
+@pytest.mark.mpi(min_size=4)
+def test_frozen_parameters_and_a_causal_mask_are_neither_sent_nor_changed():
+    """Only trainable parameters and persistent floating buffers are deposited and
+    mixed: the frozen backbone stays bit-identical (mixing equal values drifted it
+    by rounding), and a causal mask of -inf neither trips the divergence checks of
+    the periodic checkpoints and of finish() nor changes."""
+    with shared_folder() as folder:
+        checkpoints = aau_mpi.Checkpointer(folder, every_iterations=5)
+        model, opt, start, mask = fine_tune("aau", 30, checkpoints)
+        for name in FROZEN:
+            assert torch.equal(model.state_dict()[name], start[name]), f"{name} moved"
+        assert opt.mailbox.payload_size == SHARED, "only what training changes is sent"
+        opt.finish()
+        assert checkpoint.find_checkpoint(folder).is_file()
+    for name in FROZEN:
+        assert torch.equal(model.state_dict()[name], start[name]), f"{name} moved"
+    assert torch.equal(model.mask, mask)
+    assert not torch.equal(model.embed.weight, start["embed.weight"]), "it trained"
+
+
+@pytest.mark.mpi(min_size=2)
+def test_allreduce_leaves_frozen_and_unused_parameters_alone():
+    """Parameters without a gradient on any rank keep .grad None: zeros would let
+    weight decay (0.1 here) and momentum move them."""
+    model, opt, start, _ = fine_tune("allreduce", 10)
+    for name in FROZEN + ("unused",):
+        assert torch.equal(model.state_dict()[name], start[name]), f"{name} moved"
+    assert model.backbone.weight.grad is None and model.unused.grad is None
+    assert model.embed.weight.grad is not None
+    model.backbone.requires_grad_(True)  # trainable is what was trainable when wrapped
+    with pytest.raises(aau_mpi.UserError, match="was frozen .* when the DecentralizedOptim"):
+        opt.step()
+    model.backbone.requires_grad_(False)
+    opt.finish()
+
+
+@pytest.mark.mpi(min_size=4)
+def test_every_rank_ends_with_the_same_model_batchnorm_counters_included():
+    """Ranks take different numbers of steps, so BatchNorm's num_batches_tracked
+    differs; finish() gives every rank the largest, and so the same state_dict."""
+    world = aau_mpi.init(device="cpu")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8),
+                                torch.nn.Linear(8, 2))
+    opt = aau_mpi.DecentralizedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model,
+                                         policy="aau", world=world, watchdog=None)
+    generator = torch.Generator().manual_seed(comm.rank)
+    while opt.iteration < 10 + comm.rank:
+        opt.zero_grad()
+        model(torch.randn(16, 4, generator=generator)).square().mean().backward()
+        opt.step()
+    assert int(model[1].num_batches_tracked) == 10 + comm.rank
+    opt.finish()
+    assert int(model[1].num_batches_tracked) == 10 + comm.size - 1
+    first = comm.bcast(model.state_dict(), root=0)
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, first[name]), f"{name} differs from rank 0's"
+
+
+@pytest.mark.mpi(min_size=4)
+@pytest.mark.parametrize("with_checkpoints", [False, True], ids=["cwd", "checkpointer"])
+def test_a_diverged_run_saves_every_ranks_last_model_where_the_error_says(with_checkpoints,
+                                                                          monkeypatch):
+    """finish() finds NaN in the average (rank 1's model holds one): every rank's own
+    last model is written, in the checkpointer's folder or else the current one,
+    and the one-line error names it; the complete checkpoints stay as they were.
+    (allreduce: ranks step in lockstep, so the NaN, set after the last step,
+    reaches no other rank's model; under aau a neighbour still training mixes
+    rank 1's final deposit.)"""
+    with shared_folder() as folder:
+        monkeypatch.chdir(folder)
+        checkpoints = (aau_mpi.Checkpointer(folder / "checkpoints", every_iterations=4)
+                       if with_checkpoints else None)
+        model, opt, _, _ = fine_tune("allreduce", 12, checkpoints)
+        if comm.rank == 1:
+            with torch.no_grad():
+                model.embed.weight[0, 0] = float("nan")
+        own = {name: value.clone() for name, value in model.state_dict().items()}
+        comm.Barrier()  # every rank's last periodic generation is committed
+        newest = checkpoint.find_checkpoint(folder) if with_checkpoints else None
+        with pytest.raises(aau_mpi.UserError, match="training diverged") as error:
+            opt.finish()
+        message = str(error.value)
+        assert "\n" not in message and "rank(s) [1]" in message
+        saved = Path(re.search(r"saved as (\S+)/rank-NNNNN\.pt", message)[1])
+        assert saved.parent == (folder / "checkpoints" if with_checkpoints else folder)
+        state = torch.load(saved / f"rank-{comm.rank:05d}.pt")
+        assert state.keys() == own.keys()
+        for name, value in own.items():
+            torch.testing.assert_close(state[name], value, rtol=0, atol=0, equal_nan=True)
+        if with_checkpoints:
+            assert checkpoint.find_checkpoint(folder) == newest, "no diverged generation"
+            manifest = checkpoint.read_manifest(newest)
+            parameters = checkpoint.read_rank_state(manifest, comm.rank)[0]["params"]
+            assert np.isfinite(parameters[:SHARED]).all()
+        comm.Barrier()
+
+
+@pytest.mark.mpi(min_size=2)
+def test_a_state_saved_before_the_layout_resumes_into_its_places():
+    """A state_dict (or checkpoint) written before frozen parameters were kept local
+    has no parameters_layout: its vector is every parameter, then every floating
+    buffer, and each value must land in the tensor it came from."""
+    world = aau_mpi.init(device="cpu")
+    torch.manual_seed(0)
+    model, source = FineTuned(), FineTuned()
+    opt = aau_mpi.DecentralizedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model,
+                                         world=world, watchdog=None)
+    state = opt.state_dict()
+    assert state.pop("parameters_layout") == 2
+    floating = [b for b in source.buffers() if b.is_floating_point()]  # the mask first
+    state["parameters"] = torch.cat([t.detach().reshape(-1)
+                                     for t in list(source.parameters()) + floating])
+    opt.load_state_dict(state)
+    for name, value in source.state_dict().items():
+        if value.is_floating_point():
+            assert torch.equal(model.state_dict()[name], value), name
+    opt.finish()

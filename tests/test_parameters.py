@@ -20,7 +20,8 @@ def test_parameters_become_views_of_flat():
     model = small_model()
     original = torch.cat([param.detach().reshape(-1).clone() for param in model.parameters()])
     flat = FlatParameters(model)
-    assert flat.numel == flat.param_numel == original.numel() == flat.flat.numel()
+    assert flat.numel == flat.shared_numel == flat.trainable_numel == original.numel()
+    assert flat.flat.numel() == flat.numel
     assert torch.equal(flat.flat, original)
     start = flat.flat.data_ptr()
     end = start + flat.numel * flat.flat.element_size()
@@ -41,12 +42,12 @@ def test_batchnorm_running_statistics_live_in_flat_and_counters_do_not():
     params = sum(p.numel() for p in model.parameters())
     floating = sum(b.numel() for b in model.buffers() if b.is_floating_point())
     flat = FlatParameters(model)
-    assert flat.param_numel == params and flat.numel == params + floating
+    assert flat.trainable_numel == params and flat.numel == params + floating
     model.train()
     model(torch.randn(4, 3, 8, 8))  # a forward pass in training mode updates running stats
     assert flat.views_intact(), "running stats are updated in place, inside flat"
     bn = model[1]
-    assert torch.equal(bn.running_mean, flat.flat[flat.param_numel:][:bn.running_mean.numel()])
+    assert torch.equal(bn.running_mean, flat.flat[flat.trainable_numel:][:bn.running_mean.numel()])
     assert bn.num_batches_tracked.dtype == torch.int64 and bn.num_batches_tracked.item() == 1
 
 
@@ -83,9 +84,10 @@ def test_gradients_round_trip_through_a_flat_tensor():
     torch.nn.functional.cross_entropy(model(torch.randn(2, 1, 8, 8)),
                                       torch.tensor([1, 2])).backward()
     expected = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
-    out = torch.empty(flat.param_numel)
+    out = torch.empty(flat.gradient_numel)
     flat.gradients(out)
-    assert torch.equal(out, expected)
+    assert torch.equal(out[:flat.trainable_numel], expected)
+    assert torch.equal(out[flat.trainable_numel:], torch.ones(len(list(model.parameters()))))
     model.zero_grad(set_to_none=True)
     flat.set_gradients(out * 2)
     assert torch.equal(torch.cat([p.grad.reshape(-1) for p in model.parameters()]), expected * 2)
@@ -111,12 +113,120 @@ def test_a_half_precision_model_is_a_user_error():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (none visible here)")
-def test_cuda_staging_copies_asynchronously_into_pinned_memory():
-    from aau_mpi.parameters import HostStaging
+def test_cuda_deposit_source_snapshots_before_later_kernels_into_pinned_memory():
+    from aau_mpi.parameters import DepositSource
     model = small_model().cuda()
     flat = FlatParameters(model)
-    staging = HostStaging(flat.flat)
-    assert staging.buffer.is_pinned()
-    staging.stage()
-    staging.wait_copied()
-    assert np.array_equal(staging.array, flat.flat.cpu().numpy())
+    source = DepositSource(flat.shared, threaded=True)
+    assert source.buffer.is_pinned()
+    expected = flat.shared.cpu().numpy()
+    payload, before = source.take()
+    flat.shared.add_(1.0)  # the loop's next kernels, queued before the copy finished
+    before()
+    assert np.array_equal(payload, expected)
+
+
+VOCAB, WIDTH, CONTEXT = 12, 8, 6
+
+
+class FineTuned(torch.nn.Module):
+    """What a user brings to fine-tune: a frozen backbone, BatchNorm, an output layer
+    tied to the embedding, a trainable parameter this task never uses, and a causal
+    mask of -inf, a non-persistent buffer that two blocks share."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(VOCAB, WIDTH)
+        self.backbone = torch.nn.Linear(WIDTH, WIDTH).requires_grad_(False)
+        self.norm = torch.nn.BatchNorm1d(WIDTH)
+        self.out = torch.nn.Linear(WIDTH, VOCAB, bias=False)
+        self.out.weight = self.embed.weight
+        self.unused = torch.nn.Parameter(torch.ones(3))
+        mask = torch.full((CONTEXT, CONTEXT), -float("inf")).triu(1)
+        self.blocks = torch.nn.ModuleList([torch.nn.Module(), torch.nn.Module()])
+        for block in self.blocks:
+            block.register_buffer("mask", mask, persistent=False)
+
+    def forward(self, tokens):
+        h = self.embed(tokens)
+        for block in self.blocks:
+            scores = h @ h.transpose(1, 2) / WIDTH ** 0.5 + block.mask
+            h = h + scores.softmax(-1) @ h
+        h = torch.relu(self.backbone(h))
+        return self.out(self.norm(h.transpose(1, 2)).transpose(1, 2))
+
+
+def inside(tensor, part):
+    start = part.data_ptr()
+    return start <= tensor.data_ptr() < start + part.numel() * part.element_size()
+
+
+def test_the_communicated_part_is_a_prefix_of_trainable_parameters_and_persistent_buffers():
+    """Trainable parameters (a tied weight once) and persistent floating buffers come
+    first, as `shared`; frozen parameters and non-persistent buffers after it."""
+    torch.manual_seed(0)
+    model = FineTuned()
+    flat = FlatParameters(model)
+    trainable = VOCAB * WIDTH + 2 * WIDTH + 3    # tied embedding once, BatchNorm's affine, unused
+    assert flat.trainable_numel == trainable
+    assert flat.shared_numel == trainable + 2 * WIDTH    # + running mean and variance
+    assert flat.numel == flat.shared_numel + WIDTH * WIDTH + WIDTH + CONTEXT * CONTEXT
+    assert flat.shared.data_ptr() == flat.flat.data_ptr()
+    assert flat.shared.numel() == flat.shared_numel
+    local = flat.flat[flat.shared_numel:]
+    for tensor in (model.embed.weight, model.norm.weight, model.unused, model.norm.running_var):
+        assert inside(tensor, flat.shared)
+    for tensor in (model.backbone.weight, model.backbone.bias, model.blocks[0].mask):
+        assert inside(tensor, local)
+    assert model.out.weight is model.embed.weight
+    assert model.blocks[1].mask.data_ptr() == model.blocks[0].mask.data_ptr(), \
+        "a buffer that two modules share stays one tensor, laid out once"
+    assert torch.isfinite(flat.shared).all() and torch.isinf(local).any()
+    assert flat.views_intact()
+    model(torch.randint(0, VOCAB, (4, CONTEXT)))  # running statistics change in place
+    assert flat.views_intact()
+
+
+def test_gradients_cover_the_trainable_parameters_and_none_stays_none():
+    """A frozen parameter, and one that had no gradient on any rank, keep .grad None
+    (zeros would let weight decay and momentum move them)."""
+    torch.manual_seed(0)
+    model = FineTuned()
+    flat = FlatParameters(model)
+    out = torch.empty(flat.gradient_numel)
+    torch.nn.functional.cross_entropy(model(torch.randint(0, VOCAB, (4, CONTEXT))).flatten(0, 1),
+                                      torch.randint(0, VOCAB, (4 * CONTEXT,))).backward()
+    expected = [p.grad.clone() for p in (model.embed.weight, model.norm.weight, model.norm.bias)]
+    flat.gradients(out)
+    model.zero_grad(set_to_none=True)
+    flat.set_gradients(out)
+    for param, grad in zip((model.embed.weight, model.norm.weight, model.norm.bias), expected):
+        assert torch.equal(param.grad, grad)
+    assert model.unused.grad is None
+    assert model.backbone.weight.grad is None and model.backbone.bias.grad is None
+
+
+def test_a_vector_of_the_first_layout_loads_into_its_places():
+    """Layout 1 (every parameter, then every floating buffer, as aau_mpi laid out and
+    checkpointed models before) loads each value into the tensor it belonged to."""
+    torch.manual_seed(0)
+    model, source = FineTuned(), FineTuned()
+    with torch.no_grad():
+        for tensor in list(source.parameters()) + [source.norm.running_mean,
+                                                   source.norm.running_var]:
+            tensor.copy_(torch.randn_like(tensor))
+    floating = [b for b in source.buffers() if b.is_floating_point()]  # each once
+    legacy = torch.cat([t.detach().reshape(-1) for t in list(source.parameters()) + floating])
+    flat = FlatParameters(model)
+    flat.load_(legacy, layout=1)
+    for name, value in source.state_dict().items():
+        if value.is_floating_point():
+            assert torch.equal(model.state_dict()[name], value), name
+    flat.load_(flat.flat.clone(), layout=2)
+    with pytest.raises(ValueError, match="layout 3"):
+        flat.load_(legacy, layout=3)
+
+
+def test_a_model_with_nothing_to_train_is_a_user_error():
+    with pytest.raises(UserError, match="requires_grad"):
+        FlatParameters(small_model().requires_grad_(False))
