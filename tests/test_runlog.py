@@ -25,9 +25,9 @@ def test_rank_log_writes_json_lines_and_an_unterminated_chrome_trace(tmp_path):
     text = (tmp_path / "trace-rank-00003.json").read_text()
     events = json.loads(text.rstrip(",\n") + "]")
     names = [e["name"] for e in events]
-    assert names == ["compute", "wait", "mix", "step"] * 2 + ["deposit", "evaluate"]
+    assert names == ["compute", "wait", "mix", "step", "deposit_wait"] * 2 + ["deposit", "evaluate"]
     assert events[0]["ts"] == 990_000.0 and events[0]["dur"] == 10000.0
-    deposit = events[8]
+    deposit = events[10]
     assert deposit["tid"] == 1 and deposit["ts"] == 1_003_000.0, "overlapping, on its thread"
     assert all(e["pid"] == 3 and e["ph"] == "X" for e in events)
 
