@@ -84,6 +84,13 @@ MISUSE = {
                                     "opt.load_state_dict(saved)\n"
                                     "opt.finish()\n",
                                     "1 of 2 ranks got another rank's state_dict()"),
+    "metrics of different sizes": ("import torch, aau_mpi\n"
+                                   "ctx = aau_mpi.init()\n"
+                                   "m = torch.nn.Linear(4, 2)\n"
+                                   "opt = aau_mpi.DecentralizedOptimizer(torch.optim.SGD(m.parameters(), lr=0.1), m)\n"
+                                   "opt.average_metric(1.0 if ctx.rank == 0 else [1.0, 2.0, 3.0])\n"
+                                   "opt.finish()\n",
+                                   "ranks posted values of different sizes as their k-th metric"),
 }
 
 
