@@ -8,7 +8,9 @@ window on rank 0 (`aau_mpi.control`, encoding in `aau_mpi.schedule`) and
 every rank serves them in the same order: after a step, and also while it
 waits (for neighbours, or in the final average), so a rank blocked on a
 neighbour that is already in an evaluation joins it from its wait loop. The
-stop is only taken after a step.
+stop is only taken after a step. While `on_evaluation` runs, `evaluating` is
+true: the one point where every rank is at the same event, so the only
+place where the optimizer allows a blocking collective (`averaged()`).
 
 The counter is batched: a rank adds its samples and reads the event word
 when it holds more than its share (1/N) of BUDGET_SHARE of the sample
@@ -73,6 +75,7 @@ class JobEvents:
         self.completed = 0                # ... of which evaluations that ran to their end
         self.waiting_round_trips = 0      # control round trips made while waiting (poll)
         self.stopped = False
+        self.evaluating = False           # inside on_evaluation: every rank is at this event
         self.excluded = 0.0               # evaluation seconds in this job
         self.started = clock()
         self._pending = 0
@@ -192,7 +195,11 @@ class JobEvents:
         self.barrier()
         started = self.clock()
         if self.on_evaluation is not None:
-            self.on_evaluation(number)
+            self.evaluating = True
+            try:
+                self.on_evaluation(number)
+            finally:
+                self.evaluating = False
         self.completed += 1
         self.excluded += self.clock() - started
 

@@ -48,6 +48,7 @@ from aau_mpi.depositor import Depositor, use_thread
 from aau_mpi.errors import UserError
 from aau_mpi.events import JobEvents
 from aau_mpi.mailbox import Backoff, Mailbox
+from aau_mpi.metric_average import MetricAverages
 from aau_mpi.parameters import LAYOUT, DepositSource, FlatParameters
 from aau_mpi.policies import Policy, build_policy
 from aau_mpi.schedule import PREEMPTED, Schedule
@@ -141,8 +142,9 @@ def _resolve_straggler(stragglers, rank, size):
 class DecentralizedOptimizer(torch.optim.Optimizer):
     """A torch optimizer that trains decentralized: see the module docstring and docs/api.md.
 
-    Collective to build (every rank, same arguments), in `load_state_dict`,
-    `averaged()` and `finish()`; `step()` is not collective.
+    Collective to build (every rank, same arguments), in `load_state_dict`
+    (before the first step only), `averaged()` (inside on_evaluation only)
+    and `finish()`; `step()` and `average_metric()` are not collective.
 
     optimizer:   any torch.optim optimizer over `model`'s parameters.
     model:       the rank's torch module, already on its device.
@@ -155,9 +157,9 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
     schedule:    aau_mpi.Schedule(sample_budget=, time_budget=, eval_samples=,
                  eval_seconds=): the global stop and evaluation points.
     on_evaluation: called as on_evaluation(number) on every rank at each
-                 evaluation point, possibly from inside step() while waiting;
-                 collectives inside must use `averaged()` or communicators
-                 other than the optimizer's own.
+                 evaluation point, possibly from inside step() while waiting
+                 (the model in train mode); collectives inside must use
+                 `averaged()` or communicators other than the optimizer's own.
     stragglers:  a straggler model (name, dict or Straggler): experiments only.
     watchdog:    seconds of waiting before a stall is reported (None: off), or
                  a Watchdog.
@@ -217,6 +219,7 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
         self.device = self.params.device
         self.poll_cap = POLL_CAP * max(1.0, world.local_size / (2 * world.cores_per_node)) ** 2
         self.k = 0
+        self._stepped = False  # load_state_dict is refused after the first step
         self.closed = False
         self.last = None
         if self.policy.uses_mailbox:
@@ -256,10 +259,14 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
         Private communicators (the user's own collectives, on `job_comm` or
         the world's, can never be started in a different order from ours), the
         mailbox on the graph, the communication thread, the job-wide events
-        (restarted from `events_state` after a lost rank) and the loss detector.
+        (restarted from `events_state` after a lost rank), the metric
+        averages (numbered on from the posts before) and the loss detector.
         """
         base = self._base
         self.comm, self._events_comm, self.job_comm = base.Dup(), base.Dup(), base.Dup()
+        previous_metrics = getattr(self, "_metrics", None)
+        self._metrics = MetricAverages(base.Dup(),
+                                       previous_metrics.posted if previous_metrics else 0)
         self.watchdog.bind(self.job_comm, self.rank)
         self.mailbox = self.depositor = None
         if self.policy.uses_mailbox:
@@ -400,6 +407,7 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
     def step(self, closure=None):
         """One iteration (spec section 3), after the user's backward pass."""
         self._check_open()
+        self._stepped = True
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -446,6 +454,7 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
         record.control_seconds = self._now() - counting
         self.watchdog.reset()
         self._check_for_loss()
+        self._metrics.progress()
         if self.mailbox:
             self._watch_silent_neighbours()
         record.time = self._now()
@@ -597,14 +606,39 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
         self.watchdog.waiting(what)
 
     def averaged(self):
-        """Collective context manager: the model holds the average of all ranks' models
-        inside the `with` block (`.own` is this rank's own communicated vector,
-        `params.shared`), and its own again after it.
+        """Collective context manager, inside on_evaluation only: the model holds the
+        average of all ranks' models inside the `with` block (`.own` is this rank's
+        own communicated vector, `params.shared`), and its own again after it.
 
-            with opt.averaged():
-                accuracy = evaluate(model)
+            def on_evaluation(number):
+                with opt.averaged():
+                    accuracy = evaluate(model)
+
+        Anywhere else ranks are at different iterations, and a rank blocked
+        here stops depositing while its neighbours wait for its next deposit:
+        a deadlock. So it is refused there, on the rank that calls it.
         """
+        if self.closed:
+            raise UserError("averaged() after finish(): the model already holds the average "
+                            "of all ranks: use it directly")
+        if not self.events.evaluating:
+            raise UserError("averaged() outside on_evaluation blocks until every rank calls "
+                            "it while ranks are at different iterations (a deadlock): call it "
+                            "inside the on_evaluation callback, or average a metric with "
+                            "opt.average_metric(value), which never blocks")
         return _Averaged(self)
+
+    def average_metric(self, value):
+        """Average `value` (a number, array or tensor) over the ranks without blocking.
+
+        Returns a MetricAverage at once; its `value` is the average of every
+        rank's value posted as its same-numbered metric (each rank's k-th call
+        pairs with the others' k-th), ready some steps after the last rank
+        posted its own (`ready()`), and always after `finish()`. Not
+        collective in time: call it anywhere in the loop (aau_mpi.metric_average).
+        """
+        self._check_open()
+        return self._metrics.post(value)
 
     def _average(self, comm, idle):
         own = self.params.shared.detach().clone()
@@ -618,9 +652,10 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
     def state_dict(self):
         """This rank's state: the wrapped optimizer's, the policy's, the straggler's,
         the rank's model (flat parameters and buffers, all of them, and their
-        layout: decentralized ranks hold different models) and the progress
-        counters."""
-        return {"optimizer": self.optimizer.state_dict(),
+        layout: decentralized ranks hold different models), the progress
+        counters, and which rank of how many saved it."""
+        return {"rank": self.rank, "world_size": self.size,
+                "optimizer": self.optimizer.state_dict(),
                 "policy": self.policy.state_dict(),
                 "straggler": self.straggler.state_dict(),
                 "parameters": self.params.flat.detach().clone(),
@@ -631,9 +666,23 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
                 "evaluations": self.events.evaluations}
 
     def load_state_dict(self, state):
-        """Collective: continue from `state_dict()` (this rank's, of the same job size,
-        or one that `Checkpointer.restore_resized` made from another job size's)."""
+        """Collective, before the first step: continue from `state_dict()` (this
+        rank's, of the same job size, or one that `Checkpointer.restore_resized`
+        made from another job size's). Another rank's state is refused, on every
+        rank: it holds that rank's policy state (its neighbours) and sample count."""
         self._check_open()
+        if self._stepped:
+            raise UserError("load_state_dict() after step(): it is collective and ranks are "
+                            "at different iterations: load the state on every rank before "
+                            "the first step() (to resume, or use a Checkpointer)")
+        origin = (state.get("rank", self.rank), state.get("world_size", self.size))
+        foreign = self.comm.allreduce(int(origin != (self.rank, self.size)))
+        if foreign:
+            raise UserError(f"load_state_dict: {foreign} of {self.size} ranks got another "
+                            f"rank's state_dict() (one rank's state loaded on every rank?): "
+                            f"each rank loads its own, or a Checkpointer restores them; to "
+                            f"start every rank from one saved model, load it into the model "
+                            f"before wrapping it")
         # A state saved before the layout was recorded is of layout 1.
         self.params.load_(state["parameters"], state.get("parameters_layout", 1))
         self.optimizer.load_state_dict(state["optimizer"])
@@ -674,6 +723,7 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
                 self._deposit(done=True)
             result["own"], result["average"] = self._average(self.comm,
                                                              self._serve_while_finishing)
+            self._metrics.complete()  # every rank is here: none posts any more
             # The average is finite only where every rank's model is.
             if not torch.isfinite(result["average"]).all():
                 result["diverged"] = self._save_diverged()
@@ -691,7 +741,7 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
         self.events.close()
         if self.detector is not None:
             self.detector.close()
-        for comm in (self.comm, self._events_comm):
+        for comm in (self.comm, self._events_comm, self._metrics.comm):
             comm.Free()
         self.closed = True
         if "diverged" in result:
@@ -805,11 +855,18 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
         loss interrupted is skipped), and a deposit of every survivor's
         current model. Synchronous policies go on from the largest iteration.
         """
-        revoke(self.detector.comm, self.comm, self._events_comm, self.job_comm, self._base)
+        revoke(self.detector.comm, self.comm, self._events_comm, self.job_comm,
+               self._metrics.comm, self._base)
         if self.depositor is not None:
             self.depositor.close()
+        dropped = self._metrics.drop()
         self._abandoned.append((self.mailbox, self.events, self.detector, self.comm,
-                                self._events_comm, self.job_comm, self._base))
+                                self._events_comm, self.job_comm, self._metrics.comm,
+                                dropped, self._base))
+        if dropped:
+            print(f"[rank {self.original_rank}] {len(dropped)} metric averages in flight "
+                  f"dropped (a rank was lost): their MetricAverage.dropped is True",
+                  file=sys.stderr, flush=True)
         seen = (self.events.samples, self.events.training_seconds(), self.events.evaluations)
         originals = self._originals
         self._base, lost = shrink(self._base)

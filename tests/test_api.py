@@ -61,6 +61,36 @@ MISUSE = {
                           "if ctx.rank == 0: opt.step()\n"
                           "ctx.comm.Barrier()\n",
                           "is closed (finish() was called)"),
+    "averaged after finish": ("import torch, aau_mpi\n"
+                              "ctx = aau_mpi.init()\n"
+                              "m = torch.nn.Linear(4, 2)\n"
+                              "opt = aau_mpi.DecentralizedOptimizer(torch.optim.SGD(m.parameters(), lr=0.1), m)\n"
+                              "opt.finish()\n"
+                              "with opt.averaged(): pass\n",
+                              "averaged() after finish(): the model already holds the average"),
+    "load_state_dict after step": ("import torch, aau_mpi\n"
+                                   "ctx = aau_mpi.init()\n"
+                                   "m = torch.nn.Linear(4, 2)\n"
+                                   "opt = aau_mpi.DecentralizedOptimizer(torch.optim.SGD(m.parameters(), lr=0.1), m)\n"
+                                   "opt.step()\n"
+                                   "opt.load_state_dict(opt.state_dict())\n"
+                                   "opt.finish()\n",
+                                   "load_state_dict() after step(): it is collective"),
+    "one rank's state everywhere": ("import torch, aau_mpi\n"
+                                    "ctx = aau_mpi.init()\n"
+                                    "m = torch.nn.Linear(4, 2)\n"
+                                    "opt = aau_mpi.DecentralizedOptimizer(torch.optim.SGD(m.parameters(), lr=0.1), m)\n"
+                                    "saved = ctx.comm.bcast(opt.state_dict() if ctx.rank == 0 else None)\n"
+                                    "opt.load_state_dict(saved)\n"
+                                    "opt.finish()\n",
+                                    "1 of 2 ranks got another rank's state_dict()"),
+    "metrics of different sizes": ("import torch, aau_mpi\n"
+                                   "ctx = aau_mpi.init()\n"
+                                   "m = torch.nn.Linear(4, 2)\n"
+                                   "opt = aau_mpi.DecentralizedOptimizer(torch.optim.SGD(m.parameters(), lr=0.1), m)\n"
+                                   "opt.average_metric(1.0 if ctx.rank == 0 else [1.0, 2.0, 3.0])\n"
+                                   "opt.finish()\n",
+                                   "ranks posted values of different sizes as their k-th metric"),
 }
 
 
@@ -74,3 +104,36 @@ def test_misuse_is_one_line_and_ends_the_job(tmp_path, case):
     lines = error_lines(result)
     assert lines and all(message in line for line in lines), result.stderr[-2000:]
     assert "Traceback" not in result.stderr
+
+
+AVERAGED_IN_THE_LOOP = """
+import time, torch, aau_mpi
+ctx = aau_mpi.init()
+m = torch.nn.Linear(4, 2)
+opt = aau_mpi.DecentralizedOptimizer(torch.optim.SGD(m.parameters(), lr=0.01), m, watchdog=3)
+x = torch.randn(8, 4)
+for _ in range(300):
+    opt.zero_grad(); m(x).pow(2).mean().backward(); opt.step()
+    if ctx.rank == 1:
+        time.sleep(0.02)  # a straggler: the others run iterations ahead
+    if opt.iteration % 10 == 0:
+        with opt.averaged():
+            pass
+opt.finish()
+"""
+
+
+def test_a_blocking_average_in_the_loop_fails_fast_instead_of_deadlocking(tmp_path):
+    """`with opt.averaged():` every 10 steps under aau with a straggler: the fast ranks
+    blocked in it while the straggler waited for their next deposits, until the
+    watchdog (3 s here) ended the job. Now every rank that reaches it stops at once
+    with the one line naming the safe ways (the straggler, still waiting for the
+    others' deposits, may be ended by the abort before it gets there)."""
+    script = tmp_path / "averaged_in_loop.py"
+    script.write_text(AVERAGED_IN_THE_LOOP)
+    result = run(3, script, timeout=90)
+    assert result.returncode != 0
+    lines = error_lines(result)
+    assert lines and all("averaged() outside on_evaluation" in line and "average_metric" in line
+                         for line in lines), result.stderr[-2000:]
+    assert "watchdog" not in result.stderr and "Traceback" not in result.stderr

@@ -650,3 +650,64 @@ def test_a_state_saved_before_the_layout_resumes_into_its_places():
         if value.is_floating_point():
             assert torch.equal(model.state_dict()[name], value), name
     opt.finish()
+
+
+def metric(rank, number):
+    """Rank `rank`'s `number`-th posted metric: a float or a small tensor, by parity.
+    Integer values: their float64 sums are exact in any order."""
+    if number % 2 == 0:
+        return float(rank * 1000 + number)
+    return torch.tensor([[rank, -number], [1.0, rank * number]])
+
+
+def check_averages(handles):
+    """Every handle holds the exact average of the values posted as that number
+    by the ranks that posted that many; returns every rank's post count."""
+    counts = comm.allgather(len(handles))
+    for number, handle in enumerate(handles):
+        ranks = [r for r, count in enumerate(counts) if count > number]
+        expected = sum(np.asarray(metric(r, number), np.float64) for r in ranks) / len(ranks)
+        assert handle.ready() and handle.contributions == len(ranks), (number, handle)
+        assert np.array_equal(handle.value, expected), (number, handle.value, expected)
+        assert isinstance(handle.value, float) == (number % 2 == 0)
+    return counts
+
+
+@pytest.mark.mpi(min_size=2)
+def test_metric_averages_pending_at_finish_complete_with_different_counts():
+    """Rank r posts r + 1 metrics and never steps: finish() completes them all, and
+    each average divides by the ranks that posted that metric."""
+    world = aau_mpi.init(device="cpu")
+    model = LeastSquares()
+    opt = aau_mpi.DecentralizedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model,
+                                         world=world, watchdog=None)
+    handles = [opt.average_metric(metric(comm.rank, n)) for n in range(comm.rank + 1)]
+    assert not any(h.ready() for h in handles[1:]), "rank 0 posted one: none beyond can be"
+    opt.finish()
+    assert check_averages(handles) == [r + 1 for r in range(comm.size)]
+
+
+@pytest.mark.mpi(min_size=4)
+def test_metric_averages_complete_over_the_next_steps_with_a_straggler():
+    """aau with a 10x straggler, a metric every 5 steps: posting never waits (the fast
+    ranks post metrics the straggler never reaches), averages become ready during
+    training, and every one is the exact average of the values posted as it."""
+    world = aau_mpi.init(device="cpu")
+    a, b = shard(comm.rank)
+    model = LeastSquares()
+    opt = aau_mpi.DecentralizedOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.01), model, policy="aau", world=world,
+        schedule=Schedule(sample_budget=2000), watchdog=None,
+        stragglers=SlowRank(comm.rank, 1, 10.0))
+    handles = []
+    while not opt.should_stop():
+        opt.zero_grad()
+        model.loss(a, b).backward()
+        opt.step()
+        if opt.iteration % 5 == 0:
+            handles.append(opt.average_metric(metric(comm.rank, len(handles))))
+    ready_in_the_loop = sum(h.ready() for h in handles)
+    opt.finish()
+    counts = check_averages(handles)
+    assert counts[1] < max(counts), f"the straggler posted as many metrics: {counts}"
+    assert comm.allreduce(ready_in_the_loop) > 0, "no average completed during training"

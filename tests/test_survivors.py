@@ -11,6 +11,8 @@ job ends within 60 s. Without ULFM the kill ends the job (tests/test_faults.py).
 import json
 import os
 import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -19,7 +21,7 @@ from mpi4py import MPI
 from aau_mpi import checkpoint
 from aau_mpi.topology import Graph, generate, without
 
-from launcher import MLP, launch, launcher_required, rank_pids, read_lines, start
+from launcher import ENV, MLP, MPIEXEC, launch, launcher_required, rank_pids, read_lines, start
 from test_faults import wait_for
 
 OPEN_MPI = "Open MPI" in MPI.Get_library_version()
@@ -133,3 +135,44 @@ def test_with_abort_a_killed_rank_ends_the_job_under_ulfm(tmp_path):
     assert any("error: a rank of the job was lost" in line for line in err.splitlines()), \
         err[-3000:]
     generations_verify(folder)
+
+
+METRICS_ACROSS_A_LOSS = """
+import os, signal, sys, time, torch, aau_mpi
+ctx = aau_mpi.init()
+m = torch.nn.Linear(4, 2)
+opt = aau_mpi.DecentralizedOptimizer(torch.optim.SGD(m.parameters(), lr=0.01), m, policy="async",
+                                     on_rank_loss="continue", watchdog=None,
+                                     schedule=aau_mpi.Schedule(sample_budget=3000))
+x = torch.randn(8, 4)
+handles = []
+while not opt.should_stop():
+    opt.zero_grad(); m(x).pow(2).mean().backward(); opt.step()
+    time.sleep(0.002)
+    if ctx.rank == 3:  # never posts: the others' averages cannot complete before it is lost
+        if opt.iteration == 100:
+            os.kill(os.getpid(), signal.SIGKILL)
+    elif opt.iteration % 5 == 0:
+        handles.append(opt.average_metric(float(len(handles))))
+opt.finish()
+wrong = [n for n, h in enumerate(handles) if not h.dropped and (not h.ready() or h.value != n)]
+print(f"rank {ctx.rank}: dropped {sum(h.dropped for h in handles)} wrong {wrong}", flush=True)
+"""
+
+
+@launcher_required()
+@ulfm_required
+def test_metric_averages_in_flight_at_a_loss_are_dropped_and_later_ones_exact(tmp_path):
+    """Ranks 0-2 average a metric every 5 steps; rank 3 never posts and is killed at
+    its 100th step. The survivors' averages in flight then (all they had posted)
+    are marked dropped, with a note; those posted after the loss are exact."""
+    script = tmp_path / "metrics.py"
+    script.write_text(METRICS_ACROSS_A_LOSS)
+    result = subprocess.run([str(MPIEXEC), *ULFM, "-n", "4", sys.executable, str(script)],
+                            env=ENV, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = sorted(line for line in result.stdout.splitlines() if line.startswith("rank "))
+    assert [line.split(":")[0] for line in lines] == ["rank 0", "rank 1", "rank 2"], result.stdout
+    assert all(line.endswith("wrong []") and "dropped 0 " not in line for line in lines), lines
+    assert "ranks [3] lost" in result.stderr, result.stderr[-3000:]
+    assert "metric averages in flight dropped (a rank was lost)" in result.stderr
