@@ -219,7 +219,7 @@ class DepositSource:
     """
 
     def __init__(self, vector, threaded):
-        self.vector = flat
+        self.vector = vector
         self.device = vector.device
         if self.device.type == "cuda":
             self.snapshot = torch.empty_like(vector)
