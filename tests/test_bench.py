@@ -202,20 +202,25 @@ def test_scaling_quick(tmp_path):
 
 
 @needs_launchers
-def test_the_gpu_check_dry_run_runs_every_step_on_the_cpu(tmp_path):
+def test_the_gpu_check_dry_run_runs_every_step_on_the_cpu():
     """bench/gpu_check.sh --device cpu: the CUDA tests (skipped, with their
-    reasons), the training runs and the JSON, as on a GPU machine."""
-    out = tmp_path / "gpu.json"
-    result = subprocess.run(["bash", "bench/gpu_check.sh", "--device", "cpu", "--out", str(out)],
+    reasons), the training runs of a BatchNorm model and the JSON, as on a GPU
+    machine; the JSON lands under runs/, never in bench/results/ (GPU figures only)."""
+    out = REPO / "runs" / "gpu-check-cpu.json"
+    out.unlink(missing_ok=True)
+    results = sorted((REPO / "bench" / "results").iterdir())
+    result = subprocess.run(["bash", "bench/gpu_check.sh", "--device", "cpu"],
                             cwd=REPO, env={**ENV, "PYTHON": sys.executable}, capture_output=True,
                             text=True, timeout=240)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "needs CUDA" in result.stdout, "the CUDA tests say why they skip"
+    assert sorted((REPO / "bench" / "results").iterdir()) == results
     record = json.loads(out.read_text())
     assert record["device"] == "cpu" and record["quick"] is True
     assert {(r["policy"], r["ranks"]) for r in record["runs"]} == {
         (policy, ranks) for policy in ("aau", "allreduce") for ranks in (1, 2)}
     for run in record["runs"]:
+        assert run["model"] == "resnet18" and run["norm"] == "batch"
         assert run["samples_per_second"] > 0 and run["iteration_ms"] > 0
         assert run["compute_ms"] > 0 and run["iteration_ms"] >= run["compute_ms"]
 
