@@ -13,7 +13,7 @@ Layers, bottom to top (each concept in one module; docs/api.md):
   algorithms     policies, topology, stragglers, schedule, optim (lr schedules), checks:
                  pure decisions, no MPI, no torch
   optimizer      parameters (a model as one flat vector), events, watchdog, optimizer
-                 (DecentralizedOptimizer), checkpointer
+                 (DecentralizedOptimizer), lr_scheduler (ProgressLR), checkpointer
   application    train (the CLI trainer), config, datasets, models, evaluation, runlog,
                  checkpoint (HDF5 files)
   tools          plot, doctor, simulate (virtual-time, no MPI), topology's CLI
@@ -27,6 +27,7 @@ __version__ = "0.2.0"
 _EXPORTS = {
     "init": "world", "World": "world",
     "DecentralizedOptimizer": "optimizer", "Iteration": "optimizer",
+    "ProgressLR": "lr_scheduler",
     "Schedule": "schedule", "Watchdog": "watchdog", "Checkpointer": "checkpointer",
     "UserError": "errors",
     "Policy": "policies", "Selection": "policies", "POLICIES": "policies",
