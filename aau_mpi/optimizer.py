@@ -17,7 +17,14 @@ or Horovod's DistributedOptimizer) and runs spec section 3 around its step:
     step():  wait until the policy selects (serving job-wide events and the
              watchdog meanwhile); x <- mix(x, neighbours' deposits); the
              wrapped optimizer's step (lr times the policy's step scale);
-             k += 1; deposit(x_{k+1}) starts.
+             k += 1; deposit(x_{k+1}) starts. With a closure (LBFGS) the
+             wrapped step evaluates it after the mix, at the mixed x;
+             allreduce averages each evaluation's gradients and loss.
+
+It is a torch.optim.Optimizer (torch's set-up ran: step, state-dict and
+global hooks fire) whose param_groups, state and defaults are the wrapped
+optimizer's. Settings that every rank must share are checked at
+construction, with the model, in one allgather.
 
 The model's parameters and floating buffers live in one flat tensor on the
 model's device (aau_mpi.parameters): the mix and the step happen there. On
