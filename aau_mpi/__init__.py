@@ -13,7 +13,8 @@ Layers, bottom to top (each concept in one module; docs/api.md):
   algorithms     policies, topology, stragglers, schedule, optim (lr schedules), checks:
                  pure decisions, no MPI, no torch
   optimizer      parameters (a model as one flat vector), events, watchdog, optimizer
-                 (DecentralizedOptimizer), metric_average (its average_metric), checkpointer
+                 (DecentralizedOptimizer), metric_average (its average_metric), lr_scheduler
+                 (ProgressLR), checkpointer
   application    train (the CLI trainer), config, datasets, models, evaluation, runlog,
                  checkpoint (HDF5 files)
   tools          plot, doctor, simulate (virtual-time, no MPI), topology's CLI
@@ -28,6 +29,7 @@ _EXPORTS = {
     "init": "world", "World": "world",
     "DecentralizedOptimizer": "optimizer", "Iteration": "optimizer",
     "MetricAverage": "metric_average",
+    "ProgressLR": "lr_scheduler",
     "Schedule": "schedule", "Watchdog": "watchdog", "Checkpointer": "checkpointer",
     "UserError": "errors",
     "Policy": "policies", "Selection": "policies", "POLICIES": "policies",

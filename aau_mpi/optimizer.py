@@ -17,7 +17,14 @@ or Horovod's DistributedOptimizer) and runs spec section 3 around its step:
     step():  wait until the policy selects (serving job-wide events and the
              watchdog meanwhile); x <- mix(x, neighbours' deposits); the
              wrapped optimizer's step (lr times the policy's step scale);
-             k += 1; deposit(x_{k+1}) starts.
+             k += 1; deposit(x_{k+1}) starts. With a closure (LBFGS) the
+             wrapped step evaluates it after the mix, at the mixed x;
+             allreduce averages each evaluation's gradients and loss.
+
+It is a torch.optim.Optimizer (torch's set-up ran: step, state-dict and
+global hooks fire) whose param_groups, state and defaults are the wrapped
+optimizer's. Settings that every rank must share are checked at
+construction, with the model, in one allgather.
 
 The model's parameters and floating buffers live in one flat tensor on the
 model's device (aau_mpi.parameters): the mix and the step happen there.
@@ -33,9 +40,12 @@ Layers: the mailbox (transport) knows nothing of policies; the policy
 a torch model, and the trainer (aau_mpi.train) is one user of it.
 """
 
+import atexit
 import sys
 import tempfile
 import time
+import weakref
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -74,6 +84,10 @@ POLL_CAP = 1e-4
 # this often (a stalled neighbour skipped by the watchdog changes nothing
 # in the window).
 RESELECT_SECONDS = 0.01
+
+# The optimizers of this process that finish() has not closed: one that took a
+# step and is still here at exit left its model unaveraged (_report_unfinished).
+_UNFINISHED = weakref.WeakSet()
 
 
 @dataclass
@@ -126,6 +140,57 @@ def _resolve_policy(policy, graph, rank):
         params = {key: value for key, value in policy.items() if key != "name"}
         return build_policy(policy.get("name", "aau"), graph, rank, params)
     return build_policy(policy, graph, rank)
+
+
+def _describe_policy(policy):
+    """A policy as the user named it: "aau", "aau(tau=8)", or a Policy's class name."""
+    if not hasattr(policy, "spec"):
+        return type(policy).__name__
+    name, params = policy.spec
+    if not params:
+        return name
+    return f"{name}({', '.join(f'{key}={value!r}' for key, value in sorted(params.items()))})"
+
+
+def _rank_list(ranks):
+    """[0, 2, 3, 4, 5] -> "0,2-5": runs of three or more ranks as a range."""
+    runs = []
+    for rank in ranks:
+        if runs and rank == runs[-1][1] + 1:
+            runs[-1][1] = rank
+        else:
+            runs.append([rank, rank])
+    return ",".join(str(a) if a == b else f"{a},{b}" if b == a + 1 else f"{a}-{b}"
+                    for a, b in runs)
+
+
+def _who_passes(values):
+    """"rank 0,2,3 aau, rank 1 dpsgd": which ranks pass which value (rank i passed
+    values[i]). A (name, digest) value reads as its name, with the digest where
+    two values share a name."""
+    ranks = {}
+    for rank, value in enumerate(values):
+        ranks.setdefault(value, []).append(rank)
+    names = [value[0] if isinstance(value, tuple) else value for value in ranks]
+    if len(set(names)) < len(names):
+        names = [" #".join(map(str, value)) if isinstance(value, tuple) else value
+                 for value in ranks]
+    return ", ".join(f"rank {_rank_list(who)} {name}" for who, name in zip(ranks.values(), names))
+
+
+@atexit.register
+def _report_unfinished():
+    """At exit: a rank that stepped and never called finish() leaves with its own model,
+    not the average of all ranks, and exits 0: say so (not after an uncaught
+    exception, which is the news then)."""
+    if hasattr(sys, "last_value"):
+        return
+    for opt in list(_UNFINISHED):
+        if opt.last is not None:
+            print(f"warning: rank {opt.original_rank} exited without opt.finish() after "
+                  f"{opt.iteration} steps: its model is its own, never averaged with the "
+                  f"other ranks': call model = opt.finish() after the loop, on every rank",
+                  file=sys.stderr, flush=True)
 
 
 def _resolve_straggler(stragglers, rank, size):
@@ -186,6 +251,7 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
                             f"{type(optimizer).__name__}: pass e.g. torch.optim.SGD(model."
                             f"parameters(), lr=0.1)")
         self.world, self.optimizer, self.model = world, optimizer, model
+        self._init_torch_optimizer()
         self.original_rank = world.rank
         self.on_rank_loss = self._rank_loss_mode(on_rank_loss, world)
         # The job's communicator (the survivors' after a lost rank), whose
@@ -214,7 +280,7 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
 
         self.params = FlatParameters(model)
         self._check_optimizer_covers_model()
-        self._check_same_model(self._base)
+        self._check_agreement(self._base)
         self._broadcast_initial_model()
         self.device = self.params.device
         self.poll_cap = POLL_CAP * max(1.0, world.local_size / (2 * world.cores_per_node)) ** 2
@@ -222,6 +288,7 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
         self._stepped = False  # load_state_dict is refused after the first step
         self.closed = False
         self.last = None
+        self._warned = set()  # the silent traps already reported (_warn_once)
         if self.policy.uses_mailbox:
             self._mix = torch.empty_like(self.params.shared)
             self._incoming = torch.empty_like(self.params.shared)
@@ -237,6 +304,13 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
             checkpoints.attach(self)
         self._deposit()
         self._returned_at = self._now()
+        _UNFINISHED.add(self)
+
+    def _warn_once(self, trap, message):
+        """One line on stderr, the first time this optimizer meets `trap`."""
+        if trap not in self._warned:
+            self._warned.add(trap)
+            print(f"warning: {message}", file=sys.stderr, flush=True)
 
     def _select_device(self):
         """The communication thread's first call: CUDA's current device is per thread,
@@ -299,17 +373,34 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
             raise UserError("the torch optimizer updates tensors that are not the model's "
                             "parameters: build it from model.parameters() of the model you pass")
 
-    def _check_same_model(self, comm):
-        """Collective: every rank must train the same architecture, with the same
-        parameters frozen (the mailbox holds what each rank trains)."""
-        shapes = [(tuple(p.shape), p.requires_grad) for p in self.params.params]
-        everyone = comm.allgather((self.params.numel, self.params.shared_numel,
-                                   hash(tuple(shapes))))
-        if len(set(everyone)) > 1:
-            numels = sorted({(n, shared) for n, shared, _ in everyone})
-            raise UserError(f"ranks built different models ({len(set(everyone))} kinds; "
+    def _check_agreement(self, comm):
+        """Collective, one allgather: every rank must train the same architecture, with
+        the same parameters frozen (the mailbox holds what each rank trains), and
+        the same settings. A rank with another policy reads misaligned slots, one
+        with another topology deposits where nobody reads, and neither ends before
+        the watchdog does: refuse at once, naming the first setting that differs."""
+        shapes = tuple((tuple(p.shape), p.requires_grad) for p in self.params.params)
+        graph = self.graph
+        mine = {"model": (self.params.numel, self.params.shared_numel, hash(shapes)),
+                "policy": _describe_policy(self.policy),
+                "mailbox slots per neighbour": self.policy.slots_per_neighbour,
+                # (name, digest of the edges): O(1) per rank, where the mailbox's own
+                # check gathers neighbour lists
+                "topology": (graph.name, zlib.crc32(repr((graph.directed, graph.edges)).encode())),
+                "batch size": self.batch_size,
+                "checksum": bool(self._checksum)}
+        everyone = comm.allgather(mine)
+        models = {theirs["model"] for theirs in everyone}
+        if len(models) > 1:
+            numels = sorted({(n, shared) for n, shared, _ in models})
+            raise UserError(f"ranks built different models ({len(models)} kinds; "
                             f"(values, communicated values) {numels}): build the same model, "
                             f"with the same parameters frozen, on every rank")
+        for setting in mine:
+            values = [theirs[setting] for theirs in everyone]
+            if len(set(values)) > 1:
+                raise UserError(f"ranks disagree on {setting}: {_who_passes(values)}: "
+                                f"pass the same settings on every rank")
 
     def _broadcast_initial_model(self):
         """Spec section 3: x_0 identical on every rank (rank 0's)."""
@@ -320,17 +411,41 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
 
     # ---- the torch.optim.Optimizer face ------------------------------------
 
+    def _init_torch_optimizer(self):
+        """torch.optim.Optimizer's own set-up: the step, state-dict and load hooks
+        (this optimizer's and torch's global ones) and the profiler's step wrapper.
+        It assigns a fresh `state` and `param_groups` and adds the groups given;
+        here those are the wrapped optimizer's (the properties below), which then
+        gets its own list of groups and its state back."""
+        groups, state = self.optimizer.param_groups, self.optimizer.state
+        super().__init__(groups, self.optimizer.defaults)
+        self.optimizer.param_groups, self.optimizer.state = groups, state
+
+    # One param_groups, state and defaults: the wrapped optimizer's, so that a
+    # scheduler or GradScaler on either optimizer sets what the wrapped step uses.
     @property
     def param_groups(self):
         return self.optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, groups):
+        self.optimizer.param_groups = groups
 
     @property
     def state(self):
         return self.optimizer.state
 
+    @state.setter
+    def state(self, state):
+        self.optimizer.state = state
+
     @property
     def defaults(self):
         return self.optimizer.defaults
+
+    @defaults.setter
+    def defaults(self, defaults):
+        self.optimizer.defaults = defaults
 
     def zero_grad(self, set_to_none=True):
         self.optimizer.zero_grad(set_to_none=set_to_none)
@@ -371,6 +486,11 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
         """Samples used by all ranks together, as this rank last saw them."""
         return self.events.samples
 
+    @property
+    def schedule(self):
+        """The Schedule it was built with (None without one)."""
+        return self._schedule
+
     def progress(self):
         """Fraction of the schedule's budget used (a learning-rate schedule's x axis)."""
         return self.events.progress()
@@ -381,6 +501,11 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
     def should_stop(self):
         """True once the job-wide stop was reached: the budget is used, the time is
         up, or a preemption signal arrived (then `preempted` is True too)."""
+        if self.rank == 0 and not (self._schedule and self._schedule.budgeted):
+            self._warn_once("no budget", "should_stop() never becomes true without a budget "
+                            "(only a preemption signal ends the loop): pass schedule=aau_mpi."
+                            "Schedule(sample_budget=...) or time_budget=..., or end the loop "
+                            "yourself")
         return self.events.stopped
 
     @property
@@ -405,13 +530,18 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
                             "build a new DecentralizedOptimizer to change what is trained")
 
     def step(self, closure=None):
-        """One iteration (spec section 3), after the user's backward pass."""
+        """One iteration (spec section 3), after the user's backward pass.
+
+        With a closure (LBFGS), the wrapped optimizer evaluates it after the mix,
+        at the mixed model, as often as it needs; step() returns its loss.
+        """
         self._check_open()
         self._stepped = True
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        if (closure is None and "no gradients" not in self._warned
+                and all(p.grad is None for group in self.param_groups for p in group["params"])):
+            self._warn_once("no gradients", f"rank {self.rank}: step() found no gradients "
+                            f"(every .grad is None) and mixes and counts its samples all the "
+                            f"same: call loss.backward() before opt.step()")
         started = self._now()
         compute = started - self._returned_at
         delay = slow_down(self.straggler, compute, started)
@@ -420,13 +550,14 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
                            delay=delay)
         # A lost rank found while waiting: the survivors rebuild, and this step
         # starts over on their graph (nothing of it was applied yet).
-        while not self._surviving(self._update, record):
+        result = {}
+        while not self._surviving(self._update, record, closure, result):
             record.averaged, record.staleness = [], []
         self._surviving(self._after_update, record)
         self._returned_at = self._now()
-        return loss
+        return result["loss"]
 
-    def _update(self, record):
+    def _update(self, record, closure, result):
         """Wait for the policy, mix, take the local step, start the next deposit."""
         k = self.k
         record.iteration = k
@@ -438,11 +569,13 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
             self._mix_selection(k, selection, record)
             record.mix_seconds = self._now() - mixing
             record.step_scale = self.policy.step_scale()
-        else:
+        elif closure is None:
             self._average_gradients()
             record.wait_seconds = self._now() - waiting
+        else:
+            closure = self._averaging(closure)
         stepping = self._now()
-        self._local_step(record.step_scale)
+        result["loss"] = self._local_step(record.step_scale, closure)
         record.step_seconds = self._now() - stepping
         self.k += 1
         self._deposit(record=record)
@@ -553,15 +686,32 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
             self._grads.copy_(torch.from_numpy(self._host_grads))
         self.params.set_gradients(self._grads)
 
-    def _local_step(self, scale):
+    def _averaging(self, closure):
+        """The allreduce baseline's closure: every evaluation averages all ranks'
+        gradients and losses, so the wrapped optimizer (LBFGS's line search and
+        stopping tests included) sees the same numbers, and evaluates as often,
+        on every rank: each evaluation is a collective."""
+        def averaged():
+            loss = closure()
+            self._average_gradients()
+            total = np.array([loss.item() if torch.is_tensor(loss) else float(loss)])
+            self._wait_all(self.comm.Iallreduce(MPI.IN_PLACE, total), "the loss Allreduce")
+            mean = float(total[0]) / self.size
+            return loss.new_tensor(mean) if torch.is_tensor(loss) else mean
+        return averaged
+
+    def _local_step(self, scale, closure):
+        """The wrapped optimizer's step at its lr times `scale`; returns what it returns
+        (the closure's loss). Steps that take no closure are called without one."""
+        step = (self.optimizer.step if closure is None
+                else lambda: self.optimizer.step(closure))
         if scale == 1.0:
-            self.optimizer.step()
-            return
+            return step()
         rates = [group["lr"] for group in self.optimizer.param_groups]
         for group in self.optimizer.param_groups:
             group["lr"] = group["lr"] * scale
         try:
-            self.optimizer.step()
+            return step()
         finally:
             for group, rate in zip(self.optimizer.param_groups, rates):
                 group["lr"] = rate
@@ -653,28 +803,39 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
         """This rank's state: the wrapped optimizer's, the policy's, the straggler's,
         the rank's model (flat parameters and buffers, all of them, and their
         layout: decentralized ranks hold different models), the progress
-        counters, and which rank of how many saved it."""
-        return {"rank": self.rank, "world_size": self.size,
-                "optimizer": self.optimizer.state_dict(),
-                "policy": self.policy.state_dict(),
-                "straggler": self.straggler.state_dict(),
-                "parameters": self.params.flat.detach().clone(),
-                "parameters_layout": LAYOUT,
-                "iteration": self.k,
-                "own_samples": self.events.own_samples,
-                "training_seconds": self.events.training_seconds(),
-                "evaluations": self.events.evaluations}
+        counters, and which rank of how many saved it. torch's state-dict hooks
+        run around it."""
+        for hook in self._optimizer_state_dict_pre_hooks.values():
+            hook(self)
+        state = {"rank": self.rank, "world_size": self.size,
+                 "optimizer": self.optimizer.state_dict(),
+                 "policy": self.policy.state_dict(),
+                 "straggler": self.straggler.state_dict(),
+                 "parameters": self.params.flat.detach().clone(),
+                 "parameters_layout": LAYOUT,
+                 "iteration": self.k,
+                 "own_samples": self.events.own_samples,
+                 "training_seconds": self.events.training_seconds(),
+                 "evaluations": self.events.evaluations}
+        for hook in self._optimizer_state_dict_post_hooks.values():
+            changed = hook(self, state)
+            state = state if changed is None else changed
+        return state
 
     def load_state_dict(self, state):
         """Collective, before the first step: continue from `state_dict()` (this
         rank's, of the same job size, or one that `Checkpointer.restore_resized`
         made from another job size's). Another rank's state is refused, on every
-        rank: it holds that rank's policy state (its neighbours) and sample count."""
+        rank: it holds that rank's policy state (its neighbours) and sample count.
+        torch's load-state-dict hooks run around it."""
         self._check_open()
         if self._stepped:
             raise UserError("load_state_dict() after step(): it is collective and ranks are "
                             "at different iterations: load the state on every rank before "
                             "the first step() (to resume, or use a Checkpointer)")
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            changed = hook(self, state)
+            state = state if changed is None else changed
         origin = (state.get("rank", self.rank), state.get("world_size", self.size))
         foreign = self.comm.allreduce(int(origin != (self.rank, self.size)))
         if foreign:
@@ -700,6 +861,8 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
             self.depositor.wait()
         self.comm.Barrier()   # every restored deposit is in place before anyone steps
         self._returned_at = self._now()
+        for hook in self._optimizer_load_state_dict_post_hooks.values():
+            hook(self)
 
     # ---- the end ----------------------------------------------------------------
 
@@ -744,6 +907,7 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
         for comm in (self.comm, self._events_comm, self._metrics.comm):
             comm.Free()
         self.closed = True
+        _UNFINISHED.discard(self)
         if "diverged" in result:
             raise UserError(result["diverged"])
         return self.model

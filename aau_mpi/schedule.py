@@ -36,6 +36,11 @@ class Schedule:
     eval_samples: int = None       # evaluate every this many samples
     eval_seconds: float = None     # ... or every this many training seconds
 
+    @property
+    def budgeted(self):
+        """Whether the job ever stops by itself (else only a preemption signal stops it)."""
+        return self.sample_budget is not None or self.time_budget is not None
+
     def progress(self, samples, seconds):
         """Fraction of the budget used, in [0, 1] (the learning-rate schedule's x axis)."""
         fractions = []

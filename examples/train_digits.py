@@ -6,6 +6,9 @@ Each rank trains a small MLP on its own non-IID shard of the handwritten digits
 shipped with aau_mpi; DecentralizedOptimizer wraps a plain torch SGD and does the
 rest: deposits into the ring neighbours' windows, waits for fresh neighbours
 (DSGD-AAU), mixes, steps. The loop, the model and the data are the user's.
+The learning rate warms up and follows a cosine over the job's global budget
+(ProgressLR): ranks take different numbers of steps, so a schedule over a
+rank's own step count would end early on some and never on others.
 """
 
 import argparse
@@ -32,9 +35,10 @@ torch.manual_seed(0)
 model = nn.Sequential(nn.Flatten(), nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10)).to(ctx.device)
 batch = 32
 opt = aau_mpi.DecentralizedOptimizer(
-    torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), model,
+    torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), model,
     policy=args.policy, topology=args.topology, batch_size=batch,
     schedule=aau_mpi.Schedule(sample_budget=int(args.epochs * len(data.y_train))))
+scheduler = aau_mpi.ProgressLR(opt, schedule="cosine", warmup=0.05)   # over global progress
 
 shuffle = torch.Generator().manual_seed(ctx.rank)
 while not opt.should_stop():                           # the global budget, time limit, preemption
@@ -42,6 +46,7 @@ while not opt.should_stop():                           # the global budget, time
         opt.zero_grad()
         F.cross_entropy(model(x[index]), y[index]).backward()
         opt.step()
+        scheduler.step()
         if opt.should_stop():
             break
 

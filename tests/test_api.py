@@ -137,3 +137,75 @@ def test_a_blocking_average_in_the_loop_fails_fast_instead_of_deadlocking(tmp_pa
     assert lines and all("averaged() outside on_evaluation" in line and "average_metric" in line
                          for line in lines), result.stderr[-2000:]
     assert "watchdog" not in result.stderr and "Traceback" not in result.stderr
+
+
+# Rank 1 passes another value of one setting that all ranks must share.
+DISAGREEING = {
+    "policy": ("policy='dpsgd' if ctx.rank == 1 else 'aau'", "rank 0,2 aau, rank 1 dpsgd"),
+    "topology": ("topology='exponential_one_peer' if ctx.rank == 1 else 'ring'",
+                 "rank 0,2 ring(n=3), rank 1 exponential_one_peer(n=3)"),
+    "batch size": ("batch_size=32 if ctx.rank == 1 else 64", "rank 0,2 64, rank 1 32"),
+    "checksum": ("checksum=ctx.rank == 1", "rank 0,2 False, rank 1 True"),
+}
+
+
+@pytest.mark.parametrize("setting", list(DISAGREEING))
+def test_ranks_that_disagree_on_a_setting_stop_at_construction(tmp_path, setting):
+    """One line on every rank naming the setting and who differs, at once: not the
+    watchdog's stall report after 300 s (a rank with another policy read
+    misaligned headers until then)."""
+    argument, who = DISAGREEING[setting]
+    script = tmp_path / "disagree.py"
+    script.write_text("import torch, aau_mpi\n"
+                      "ctx = aau_mpi.init()\n"
+                      "m = torch.nn.Linear(4, 2)\n"
+                      "opt = aau_mpi.DecentralizedOptimizer(torch.optim.SGD(m.parameters(), "
+                      f"lr=0.1), m, {argument})\n"
+                      "for _ in range(5):\n"
+                      "    opt.zero_grad(); m(torch.ones(1, 4)).sum().backward(); opt.step()\n"
+                      "opt.finish()\n")
+    result = run(3, script, timeout=60)  # the watchdog would take 300 s
+    assert result.returncode != 0
+    lines = error_lines(result)
+    message = f"ranks disagree on {setting}: {who}: pass the same settings on every rank"
+    assert sorted(line.split("]")[0] for line in lines) == ["[rank 0", "[rank 1", "[rank 2"], \
+        result.stderr[-2000:]
+    assert all(line.endswith(message) for line in lines), result.stderr[-2000:]
+
+
+TRAPS = {
+    "no budget": ("opt = aau_mpi.DecentralizedOptimizer(torch.optim.SGD(m.parameters(), "
+                  "lr=0.1), m)\n"
+                  "while not opt.should_stop() and opt.iteration < 5:\n"
+                  "    opt.zero_grad(); m(torch.ones(1, 4)).sum().backward(); opt.step()\n"
+                  "opt.finish()\n",
+                  ["should_stop() never becomes true without a budget"]),
+    "no finish": ("opt = aau_mpi.DecentralizedOptimizer(torch.optim.SGD(m.parameters(), "
+                  "lr=0.1), m)\n"
+                  "for _ in range(5):\n"
+                  "    opt.zero_grad(); m(torch.ones(1, 4)).sum().backward(); opt.step()\n",
+                  [f"rank {r} exited without opt.finish()" for r in (0, 1)]),
+    "no gradients": ("opt = aau_mpi.DecentralizedOptimizer(torch.optim.SGD(m.parameters(), "
+                     "lr=0.1), m)\n"
+                     "for _ in range(5):\n"
+                     "    opt.zero_grad(); opt.step()\n"
+                     "opt.finish()\n",
+                     [f"rank {r}: step() found no gradients" for r in (0, 1)]),
+}
+
+
+@pytest.mark.parametrize("trap", list(TRAPS))
+def test_silent_traps_warn_once_in_one_line(tmp_path, trap):
+    """A loop that cannot end, models left unaveraged, steps without gradients: each
+    runs as written (exit 0) and says so once, in one line (per rank where the
+    cause is the rank's own)."""
+    code, expected = TRAPS[trap]
+    script = tmp_path / "trap.py"
+    script.write_text("import torch, aau_mpi\nctx = aau_mpi.init()\nm = torch.nn.Linear(4, 2)\n"
+                      + code)
+    result = run(2, script, timeout=60)
+    assert result.returncode == 0, result.stderr[-2000:]
+    warnings = [line for line in result.stderr.splitlines() if "warning:" in line]
+    assert len(warnings) == len(expected), result.stderr[-2000:]
+    for text in expected:
+        assert sum(text in line for line in warnings) == 1, result.stderr[-2000:]

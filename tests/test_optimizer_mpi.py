@@ -711,3 +711,170 @@ def test_metric_averages_complete_over_the_next_steps_with_a_straggler():
     counts = check_averages(handles)
     assert counts[1] < max(counts), f"the straggler posted as many metrics: {counts}"
     assert comm.allreduce(ready_in_the_loop) > 0, "no average completed during training"
+
+
+# ---- the torch.optim.Optimizer face: hooks, schedulers, closures -------------------
+
+@pytest.mark.mpi(min_size=2)
+def test_torch_optimizer_hooks_fire_on_the_decentralized_optimizer():
+    """torch's hooks, the optimizer's own and the global ones, fire around its step
+    and its state dict, as on any torch optimizer."""
+    world = aau_mpi.init(device="cpu")
+    a, b = shard(comm.rank)
+    model = LeastSquares()
+    opt = aau_mpi.DecentralizedOptimizer(torch.optim.SGD(model.parameters(), lr=0.01), model,
+                                         policy="dpsgd", world=world, watchdog=None)
+    calls = []
+    opt.register_step_pre_hook(lambda o, args, kwargs: calls.append(("pre", o.iteration)))
+    opt.register_step_post_hook(lambda o, args, kwargs: calls.append(("post", o.iteration)))
+    opt.register_state_dict_pre_hook(lambda o: calls.append("state_dict pre"))
+    opt.register_state_dict_post_hook(lambda o, state: calls.append("state_dict post"))
+    opt.register_load_state_dict_pre_hook(lambda o, state: calls.append("load pre"))
+    opt.register_load_state_dict_post_hook(lambda o: calls.append("load post"))
+    from torch.optim.optimizer import (register_optimizer_step_post_hook,
+                                       register_optimizer_step_pre_hook)
+
+    def global_hook(what):
+        def hook(optimizer, args, kwargs):
+            if optimizer is opt:  # the wrapped SGD's step fires them too
+                calls.append(what)
+        return hook
+    handles = [register_optimizer_step_pre_hook(global_hook("global pre")),
+               register_optimizer_step_post_hook(global_hook("global post"))]
+    try:
+        opt.load_state_dict(opt.state_dict())  # (before the first step: it is collective)
+        for _ in range(2):
+            opt.zero_grad()
+            model.loss(a, b).backward()
+            opt.step()
+    finally:
+        for handle in handles:
+            handle.remove()
+    opt.finish()
+    assert calls == ["state_dict pre", "state_dict post", "load pre", "load post",
+                     "global pre", ("pre", 0), ("post", 1), "global post",
+                     "global pre", ("pre", 1), ("post", 2), "global post"]
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("on", ["decentralized", "wrapped"])
+def test_a_torch_scheduler_on_either_optimizer_sets_the_step_lr(on):
+    """StepLR on the DecentralizedOptimizer or on the optimizer it wraps: both set
+    the rate the wrapped step uses (one param_groups)."""
+    world = aau_mpi.init(device="cpu")
+    a, b = shard(comm.rank)
+    model = LeastSquares()
+    sgd = torch.optim.SGD(model.parameters(), lr=0.01)
+    opt = aau_mpi.DecentralizedOptimizer(sgd, model, policy="dpsgd", world=world, watchdog=None)
+    scheduler = torch.optim.lr_scheduler.StepLR(opt if on == "decentralized" else sgd,
+                                                step_size=2, gamma=0.5)
+    used = []
+    sgd.register_step_pre_hook(lambda o, args, kwargs: used.append(o.param_groups[0]["lr"]))
+    for _ in range(6):
+        opt.zero_grad()
+        model.loss(a, b).backward()
+        opt.step()
+        scheduler.step()
+    opt.finish()
+    assert used == [0.01, 0.01, 0.005, 0.005, 0.0025, 0.0025]
+    assert opt.param_groups is sgd.param_groups
+
+
+def mean_objective_lbfgs(n, steps, **options):
+    """One process: LBFGS on the mean of the ranks' objectives, the same closure."""
+    shards = [shard(i) for i in range(n)]
+    model = LeastSquares()
+    lbfgs = torch.optim.LBFGS(model.parameters(), **options)
+
+    def closure():
+        lbfgs.zero_grad()
+        loss = sum(model.loss(a, b) for a, b in shards) / n
+        loss.backward()
+        return loss
+    for _ in range(steps):
+        lbfgs.step(closure)
+    return model.x.detach().numpy()
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("policy", ["allreduce", "dpsgd", "aau"])
+def test_lbfgs_trains_through_closures(policy):
+    """A closure optimizer: the wrapped LBFGS evaluates the closure (after the mix),
+    step() returns its loss. With allreduce every evaluation averages the ranks'
+    gradients and losses: LBFGS on the mean objective, as in one process."""
+    world = aau_mpi.init(device="cpu")
+    a, b = shard(comm.rank)
+    model = LeastSquares()
+    options = dict(lr=0.5, max_iter=4, history_size=4)
+    lbfgs = torch.optim.LBFGS(model.parameters(), **options)
+    opt = aau_mpi.DecentralizedOptimizer(lbfgs, model, policy=policy, world=world,
+                                         watchdog=None)
+    evaluated = []
+
+    def closure():
+        opt.zero_grad()
+        loss = model.loss(a, b)
+        loss.backward()
+        evaluated.append(loss.item())
+        return loss
+    start = model.loss(a, b).item()
+    losses = [opt.step(closure) for _ in range(15)]
+    own = model.x.detach().numpy().copy()
+    opt.finish()
+    average = model.x.detach().numpy()
+    assert all(torch.is_tensor(loss) for loss in losses)
+    x_opt = global_optimum(comm.size)
+    if policy == "allreduce":
+        expected = mean_objective_lbfgs(comm.size, 15, **options)
+        assert np.allclose(own, expected, rtol=1e-4, atol=1e-5)
+        assert np.allclose(average, own, rtol=1e-6)
+    else:
+        assert losses[0].item() == evaluated[0], "step() returns the closure's loss"
+        assert losses[-1].item() < start
+        error = np.linalg.norm(average - x_opt) / np.linalg.norm(x_opt)
+        assert error < 0.1, f"the averaged model is {error:.3f} from the optimum"
+
+
+@pytest.mark.mpi(min_size=4)
+def test_progress_lr_follows_global_progress_on_every_rank():
+    """Ranks take different numbers of steps under one sample budget; ProgressLR's
+    rate follows the job's progress, so every rank warms up and ends its cosine
+    at the same point of the budget (CosineAnnealingLR(T_max=own steps) could not)."""
+    from aau_mpi.optim import LearningRate
+    world = aau_mpi.init(device="cpu")
+    a, b = shard(comm.rank)
+    model = LeastSquares()
+    sgd = torch.optim.SGD(model.parameters(), lr=0.04)
+    opt = aau_mpi.DecentralizedOptimizer(
+        sgd, model, policy="async", world=world, watchdog=None, batch_size=1,
+        schedule=Schedule(sample_budget=2000), stragglers=SlowRank(comm.rank, 1, 5.0))
+    scheduler = aau_mpi.ProgressLR(opt, schedule="cosine", warmup=0.1, final=0.05)
+    expected = LearningRate(0.04, "cosine", {"final": 0.05}, warmup=0.1)
+    rates = []  # the rate of each step
+    while not opt.should_stop():
+        rates.append(opt.param_groups[0]["lr"])
+        assert rates[-1] == pytest.approx(expected(opt.progress()))
+        opt.zero_grad()
+        model.loss(a, b).backward()
+        opt.step()
+        scheduler.step()
+    assert opt.progress() == 1.0
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.04 * 0.05), "every rank ends the cosine"
+    opt.finish()
+    steps = comm.allgather(len(rates))
+    assert max(steps) > 2 * min(steps), f"the straggler should take fewer steps: {steps}"
+    assert rates[0] == pytest.approx(0.04 / 1000), "the warm-up starts at lr / 1000"
+    assert max(rates) == pytest.approx(0.04, rel=0.05), "the warm-up reaches the base rate"
+
+
+@pytest.mark.mpi(min_size=2)
+def test_progress_lr_needs_a_budget():
+    world = aau_mpi.init(device="cpu")
+    model = LeastSquares()
+    opt = aau_mpi.DecentralizedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model,
+                                         world=world, watchdog=None)
+    with pytest.raises(aau_mpi.UserError, match="sample_budget"):
+        aau_mpi.ProgressLR(opt, schedule="cosine")
+    with pytest.raises(aau_mpi.UserError, match="DecentralizedOptimizer"):
+        aau_mpi.ProgressLR(torch.optim.SGD(model.parameters(), lr=0.1))
+    opt.finish()
