@@ -112,6 +112,7 @@ class OptimConfig:
     warmup: float = 0.0
     scale_lr: str = "none"           # none | linear | sqrt: lr times (global batch / reference)
     reference_batch: int = None      # the batch lr is tuned for (default: data.batch_size)
+    clip_grad_norm: float = None     # clip each step's local gradient to this norm (None: off)
 
     def learning_rate(self, global_batch=None, batch_size=None):
         """The lr schedule; with scale_lr, lr scaled for `global_batch` samples per round
@@ -321,7 +322,8 @@ OPTIM_FIELDS = {"lr": _Field("float", POSITIVE),
                 "nesterov": _Field("bool"),
                 "warmup": _Field("float", FRACTION),
                 "scale_lr": _Field("str", LR_SCALINGS),
-                "reference_batch": _optional("int", AT_LEAST_ONE)}
+                "reference_batch": _optional("int", AT_LEAST_ONE),
+                "clip_grad_norm": _optional("float", POSITIVE)}
 BUDGET_FIELDS = {"epochs": _optional("float", POSITIVE),
                  "samples": _optional("int", POSITIVE),
                  "seconds": _optional("float", POSITIVE)}

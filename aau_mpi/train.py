@@ -276,6 +276,10 @@ class Trainer:
             opt.zero_grad()
             loss = F.cross_entropy(model(x), y)
             loss.backward()
+            if config.optim.clip_grad_norm is not None:
+                # A loss spike's gradient, times momentum, can kill the ReLUs of
+                # every rank (docs/benchmarks.md, "aau's collapse on seed 2").
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.clip_grad_norm)
             self.loss = loss.item()
             if not math.isfinite(self.loss):
                 raise UserError(f"training diverged: loss is {self.loss} at iteration "

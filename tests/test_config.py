@@ -25,7 +25,7 @@ FULL = {
     "model": {"name": "mlp", "hidden": [64, 32]},
     "optim": {"lr": 0.1, "momentum": 0.5, "weight_decay": 0.0001, "nesterov": True,
               "schedule": {"name": "step", "milestones": [0.3, 0.6], "factor": 0.5},
-              "warmup": 0.05, "scale_lr": "sqrt", "reference_batch": 64},
+              "warmup": 0.05, "scale_lr": "sqrt", "reference_batch": 64, "clip_grad_norm": 5.0},
     "budget": {"samples": 100000, "seconds": 600.0},
     "stragglers": {"name": "fixed", "ranks": [1, 2], "slowdown": 3.0},
     "eval": {"every_seconds": 5.0, "max_samples": 2000, "target_accuracy": 0.9},
@@ -199,6 +199,7 @@ def test_wrong_type_in_the_file_blames_the_file():
     (["optim.momentum=1"], "optim.momentum must be a number >= 0 and < 1, got 1"),
     (["optim.warmup=1.5"], "optim.warmup must be a number >= 0 and < 1, got 1.5"),
     (["optim.weight_decay=-1"], "optim.weight_decay must be a number >= 0, got -1"),
+    (["optim.clip_grad_norm=0"], "optim.clip_grad_norm must be a number > 0, got 0"),
     (["seed=-1"], "seed must be an integer >= 0 and <= 4294967295, got -1"),
     (["device=gpu"], "device must be one of auto, cpu, cuda, got 'gpu'"),
     (["data.batch_size=0"], "data.batch_size must be an integer >= 1, got 0"),
@@ -221,7 +222,8 @@ def test_out_of_range(overrides, expected):
 def test_unknown_key_suggests_the_closest():
     assert error({"optim": {"lrr": 0.1}, "budget": {"epochs": 1}}) == (
         "jobs/x.yaml: unknown key 'optim.lrr': did you mean 'optim.lr'? "
-        "(optim takes: lr, momentum, weight_decay, nesterov, schedule, warmup, scale_lr, reference_batch)")
+        "(optim takes: lr, momentum, weight_decay, nesterov, schedule, warmup, scale_lr, reference_batch, "
+        "clip_grad_norm)")
 
 
 def test_unknown_section_suggests_the_closest():

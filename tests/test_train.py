@@ -187,6 +187,22 @@ def test_divergence_stops_the_job_and_keeps_the_last_good_checkpoint(finished_ru
     assert np.isfinite(arrays["params"]).all()
 
 
+def test_clipping_the_gradient_norm_keeps_a_spike_from_killing_the_network(tmp_path):
+    # At lr 3 with momentum 0.9 the first large gradients push every ReLU
+    # below zero: the network's output is its last bias, at chance for good
+    # (the collapse of docs/benchmarks.md). Clipped to norm 0.5, it learns.
+    # One rank and a sample budget: the same steps every time, whatever the timing.
+    steps = ["--config", "jobs/demo.yaml", MLP, "policy={name: allreduce}",
+             "stragglers={name: none}", "optim.lr=3", "optim.warmup=0", "budget.epochs=2",
+             "eval.every_epochs=1", "output.progress=false", f"output.dir={tmp_path}"]
+    accuracy = {}
+    for name, clip in (("free", []), ("clipped", ["optim.clip_grad_norm=0.5"])):
+        result = launch(1, *steps, f"name={name}", *clip, timeout=120)
+        assert result.returncode == 0, result.stderr[-2000:]
+        accuracy[name] = json.loads((tmp_path / name / "summary.json").read_text())["accuracy"]
+    assert accuracy["free"] < 0.2 < 0.6 < accuracy["clipped"], accuracy
+
+
 # One case per stage where bad input is found: the config, a component built
 # from it, the topology against the job's size, the data. Every config message
 # is unit-tested in tests/test_config.py; these show that each stage ends the
