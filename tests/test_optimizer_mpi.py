@@ -24,6 +24,7 @@ from aau_mpi import checkpoint
 from aau_mpi.schedule import Schedule
 from aau_mpi.stragglers import Straggler
 from aau_mpi.topology import Graph, generate
+from user_models import CONTEXT, VOCAB, WIDTH, FineTuned
 
 comm = MPI.COMM_WORLD
 DIM, ROWS = 8, 40
@@ -480,32 +481,6 @@ def shared_folder():
             shutil.rmtree(folder)
 
 
-VOCAB, WIDTH, CONTEXT = 12, 8, 6
-
-
-class FineTuned(torch.nn.Module):
-    """What a user brings to fine-tune: a frozen backbone, BatchNorm, an output layer
-    tied to the embedding, a trainable parameter this task never uses, and a causal
-    mask of -inf as a non-persistent buffer."""
-
-    def __init__(self):
-        super().__init__()
-        self.embed = torch.nn.Embedding(VOCAB, WIDTH)
-        self.backbone = torch.nn.Linear(WIDTH, WIDTH).requires_grad_(False)
-        self.norm = torch.nn.BatchNorm1d(WIDTH)
-        self.out = torch.nn.Linear(WIDTH, VOCAB, bias=False)
-        self.out.weight = self.embed.weight
-        self.unused = torch.nn.Parameter(torch.ones(3))
-        self.register_buffer("mask", torch.full((CONTEXT, CONTEXT), -float("inf")).triu(1),
-                             persistent=False)
-
-    def forward(self, tokens):
-        h = self.embed(tokens)
-        scores = h @ h.transpose(1, 2) / WIDTH ** 0.5 + self.mask
-        h = torch.relu(self.backbone(h + scores.softmax(-1) @ h))
-        return self.out(self.norm(h.transpose(1, 2)).transpose(1, 2))
-
-
 def fine_tune(policy, iterations, checkpoints=None):
     """The user's loop on its own token stream; returns (model, opt, x_0's state, mask)."""
     world = aau_mpi.init(device="cpu")
@@ -515,7 +490,7 @@ def fine_tune(policy, iterations, checkpoints=None):
     opt = aau_mpi.DecentralizedOptimizer(sgd, model, policy=policy, topology="ring",
                                          world=world, watchdog=None, checkpoints=checkpoints)
     start = {name: value.clone() for name, value in model.state_dict().items()}
-    mask = model.mask.clone()
+    mask = model.blocks[0].mask.clone()
     generator = torch.Generator().manual_seed(comm.rank)
     while opt.iteration < iterations:
         tokens = torch.randint(0, VOCAB, (16, CONTEXT), generator=generator)
@@ -548,7 +523,7 @@ def test_frozen_parameters_and_a_causal_mask_are_neither_sent_nor_changed():
         assert checkpoint.find_checkpoint(folder).is_file()
     for name in FROZEN:
         assert torch.equal(model.state_dict()[name], start[name]), f"{name} moved"
-    assert torch.equal(model.mask, mask)
+    assert torch.equal(model.blocks[0].mask, mask)
     assert not torch.equal(model.embed.weight, start["embed.weight"]), "it trained"
 
 
@@ -642,7 +617,7 @@ def test_a_state_saved_before_the_layout_resumes_into_its_places():
                                          world=world, watchdog=None)
     state = opt.state_dict()
     assert state.pop("parameters_layout") == 2
-    floating = [b for b in source.buffers() if b.is_floating_point()]  # the mask first
+    floating = [b for b in source.buffers() if b.is_floating_point()]
     state["parameters"] = torch.cat([t.detach().reshape(-1)
                                      for t in list(source.parameters()) + floating])
     opt.load_state_dict(state)
