@@ -1,11 +1,10 @@
 # aau_mpi — one-command set-up, demo, tests and benchmarks.
 #
 #   make demo          set up .venv, train DSGD-AAU and D-PSGD on 4 ranks, compare them
-#   make test          set up .venv and run the test suite CI runs (test-long: the rest)
+#   make test          set up .venv and run every test (what CI runs; the Slurm tests install
+#                      Slurm with apt as root, or skip and say why)
 #   make test MPI=mpich   the same against the MPICH wheel (in .venv-mpich)
-#   make test-slurm    the Slurm templates on a one-node Slurm cluster (installs Slurm with apt as root)
-#   make test-long     the tests of minutes that CI leaves out (marked `long`: 8-rank kills and
-#                      resizes, the soak, the benchmarks' quick runs, the Slurm sweep; ~15 min)
+#   make test-fast     the tests of seconds only (not those marked `long`), while you work
 #   make bench         the benchmarks in bench/ (numbers land in bench/results/)
 #   make bench-stragglers   the straggler benchmark and the simulator's check (~110 min)
 #   make soak          the 16-rank soak test at full length (10 min)
@@ -35,7 +34,7 @@ MPI_PYTEST = timeout -k 10 $(RUN_TIMEOUT) $(MPIEXEC) -n $(1) $(PY) -m mpi4py -m 
 	--with-mpi -m mpi -p no:cacheprovider --color=no -q -rs \
 	--timeout=$(TEST_TIMEOUT) --timeout-method=thread $(2)
 
-.PHONY: setup demo test test-unit test-scale test-mpi test-slurm test-long bench bench-stragglers soak clean
+.PHONY: setup demo test test-fast test-unit test-scale test-mpi test-mpi-2 test-slurm bench bench-stragglers soak clean
 
 setup: $(VENV)/.installed
 
@@ -53,14 +52,20 @@ demo: setup
 	$(MPIEXEC) -n 4 $(PY) -m aau_mpi.train --config jobs/demo.yaml output.dir=$(DEMO_RUNS) name=dpsgd policy.name=dpsgd
 	$(PY) -m aau_mpi.plot $(DEMO_RUNS)/aau $(DEMO_RUNS)/dpsgd --out $(DEMO_RUNS)/plots
 
-test: test-unit test-scale test-mpi
+test: test-unit test-scale test-mpi test-mpi-2 test-slurm
 
-# Each launcher test bounds its own jobs (tests/launcher.py); --timeout is the
-# backstop for the rest (tests that need longer say so with mark.timeout).
-test-unit: setup
+test-fast: setup
 	timeout -k 10 $(RUN_TIMEOUT) $(PY) -m pytest -m "not mpi and not long" -q -rs --color=no \
+		-p no:cacheprovider --timeout=$(TEST_TIMEOUT) --ignore=tests/test_scale.py tests
+
+# Unit and launcher tests, those marked `long` too (kills, resizes, the short
+# soak, the benchmarks' quick runs). Each launcher test bounds its own jobs
+# (tests/launcher.py); --timeout is the backstop for the rest (tests that need
+# longer say so with mark.timeout).
+test-unit: setup
+	timeout -k 10 1800 $(PY) -m pytest -m "not mpi" -q -rs --color=no \
 		-p no:cacheprovider --timeout=$(TEST_TIMEOUT) --durations=15 \
-		--ignore=tests/test_scale.py tests
+		--ignore=tests/test_scale.py --ignore=tests/test_slurm.py tests
 
 # The 64-rank launcher test on its own limit: starting 64 ranks (each imports
 # torch) is most of its time here.
@@ -68,25 +73,21 @@ test-scale: setup
 	timeout -k 10 1200 $(PY) -m pytest -q -rs --color=no -p no:cacheprovider \
 		--durations=1 tests/test_scale.py
 
-# Every MPI test on NP ranks (4: the size they need); test-long runs the
-# transport ones on 2 as well (a ring of 2: the same neighbour on both sides).
+# Every MPI test on NP ranks (4: the size they need), then the transport ones
+# on 2 (a ring of 2: the same neighbour on both sides).
 test-mpi: setup
 	$(call MPI_PYTEST,$(NP),tests)
 
+test-mpi-2: setup
+	$(call MPI_PYTEST,2,tests/test_mailbox_mpi.py tests/test_world_mpi.py tests/test_control_mpi.py)
+
 # Installs Debian's Slurm if missing and allowed (root, apt); where it cannot,
-# the tests skip and say why. Each test module starts and stops its own cluster.
-# CI's share (the rest is marked long): a real one-node Slurm starts and
-# takes a sweep's array job; the requeue and elastic runs are in test-long.
+# the tests skip and say why. Each test module starts and stops its own
+# cluster: a sweep's array job, requeue after preemption, an elastic resize.
 test-slurm: setup
 	-scripts/slurm-cluster.sh install
-	AAU_SLURM_TESTS=1 timeout -k 10 $(RUN_TIMEOUT) $(PY) -m pytest -m "not long" -q --color=no -rs \
-		-p no:cacheprovider --timeout=$(RUN_TIMEOUT) tests/test_slurm.py
-
-test-long: setup
-	-scripts/slurm-cluster.sh install
-	AAU_SLURM_TESTS=1 timeout -k 10 3000 $(PY) -m pytest -m "long and not mpi" -q -rs --color=no \
-		-p no:cacheprovider --timeout=900 --durations=15 tests
-	$(call MPI_PYTEST,2,tests/test_mailbox_mpi.py tests/test_world_mpi.py tests/test_control_mpi.py)
+	AAU_SLURM_TESTS=1 timeout -k 10 1800 $(PY) -m pytest -q --color=no -rs --durations=5 \
+		-p no:cacheprovider --timeout=900 tests/test_slurm.py
 
 bench: setup bench-stragglers
 	$(PY) bench/scaling.py
