@@ -6,18 +6,16 @@
     opt = aau_mpi.DecentralizedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
                                          model, policy="aau", topology="ring")
 
-Layers, bottom to top (each concept in one module; docs/api.md):
-  transport      world (MPI start-up, device, job clock), header, mailbox (RMA windows),
-                 depositor (the communication thread), control (job-wide words on rank 0),
-                 settings (their allowed values, importable without MPI)
-  algorithms     policies, topology, stragglers, schedule, optim (lr schedules), checks:
-                 pure decisions, no MPI, no torch
-  optimizer      parameters (a model as one flat vector), events, watchdog, optimizer
-                 (DecentralizedOptimizer), metric_average (its average_metric), lr_scheduler
-                 (ProgressLR), checkpointer
-  application    train (the CLI trainer), config, datasets, models, evaluation, runlog,
-                 checkpoint (HDF5 files)
-  tools          plot, doctor, simulate (virtual-time, no MPI), topology's CLI
+Layers, bottom to top, one folder each (docs/architecture.md; a module imports
+only its own folder or those below it, and comm and algorithms never each other):
+  base           errors, checks, registries, allowed setting values
+  comm           transport: world, header, mailbox (RMA windows), control, depositor, survivors
+  algorithms     pure decisions: policies, stragglers, schedule, topology, learning_rate
+  decentralized  DecentralizedOptimizer and what it composes (exchange, membership,
+                 collectives, parameters, events, watchdog, device, checkpoints)
+  training       the trainer's components: config, datasets, models, evaluation, runlog
+  commands       train, simulate, plot, doctor, topology (python -m aau_mpi.X), and
+                 checkpoint (aau_mpi.checkpoint.load_model)
 """
 
 __version__ = "0.2.0"
@@ -26,16 +24,18 @@ __version__ = "0.2.0"
 # that `python -m aau_mpi.topology`, `aau_mpi.plot` or reading a checkpoint
 # never starts MPI or imports torch.
 _EXPORTS = {
-    "init": "world", "World": "world",
-    "DecentralizedOptimizer": "optimizer", "Iteration": "optimizer",
-    "MetricAverage": "metric_average",
-    "ProgressLR": "lr_scheduler",
-    "Schedule": "schedule", "Watchdog": "watchdog", "Checkpointer": "checkpointer",
-    "UserError": "errors",
-    "Policy": "policies", "Selection": "policies", "POLICIES": "policies",
-    "build_policy": "policies",
-    "Graph": "topology", "generate": "topology", "load_topology": "topology",
-    "build_straggler": "stragglers",
+    "init": "decentralized.device", "World": "comm.world",
+    "DecentralizedOptimizer": "decentralized.optimizer", "Iteration": "decentralized.optimizer",
+    "MetricAverage": "decentralized.metric_average",
+    "ProgressLR": "decentralized.lr_scheduler",
+    "Schedule": "algorithms.schedule", "Watchdog": "decentralized.watchdog",
+    "Checkpointer": "decentralized.checkpointer",
+    "UserError": "base.errors",
+    "Policy": "algorithms.policies", "Selection": "algorithms.policies",
+    "POLICIES": "algorithms.policies", "build_policy": "algorithms.policies",
+    "Graph": "algorithms.topology", "generate": "algorithms.topology",
+    "load_topology": "algorithms.topology",
+    "build_straggler": "algorithms.stragglers",
 }
 __all__ = list(_EXPORTS)
 

@@ -36,8 +36,8 @@ import time
 import numpy as np
 from mpi4py import MPI
 
-from aau_mpi.mailbox import Mailbox
-from aau_mpi.world import init_world, install_abort_hook
+from aau_mpi.comm.mailbox import Mailbox
+from aau_mpi.comm.world import init_world, install_abort_hook
 
 OK, WARN, FAIL = "ok", "warn", "FAIL"
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
@@ -337,7 +337,8 @@ def check_bandwidth(world, mailbox, payload, report):
 def check_devices(world, report):
     """The device each rank trains on; two ranks on one GPU halve both."""
     import torch
-    device = world.node_device()
+    from aau_mpi.decentralized.device import node_device
+    device = node_device(world)
     identity = None
     if device.type == "cuda":
         properties = torch.cuda.get_device_properties(device)

@@ -29,7 +29,7 @@ import yaml
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from aau_mpi.errors import UserError
+from aau_mpi.base.errors import UserError
 
 ROLLING_WINDOW = 20  # iterations per point in neighbours.png: smooths the 0/1/2 jitter
 RANK_FILE = re.compile(r"rank-(\d+)\.jsonl")

@@ -27,7 +27,7 @@ worker needs its gradient, every worker still owing one gets it in the same
 vmapped call over the stacked parameters (all workers' x are the rows of
 one (N, numel) tensor; each worker's torch SGD steps its own row).
 
-The run folder is the trainer's (aau_mpi.runlog): config.yaml (plus a
+The run folder is the trainer's (aau_mpi.training.runlog): config.yaml (plus a
 `simulation:` section), rank-NNNNN.jsonl, eval.jsonl, summary.json (plus
 "simulated": true and "timing"), model.h5; `python -m aau_mpi.plot` reads
 it. With more than ALL_LOGGED workers only SAMPLED evenly spaced workers are
@@ -56,18 +56,17 @@ import torch.nn.functional as F
 import yaml
 from torch.func import functional_call, grad, vmap
 
-from aau_mpi import checkpoint
-from aau_mpi.config import load_config
-from aau_mpi.datasets import load_dataset, partition, shard_loader
-from aau_mpi.errors import UserError, section
-from aau_mpi.evaluation import loss_and_correct
-from aau_mpi.header import header_dtype
-from aau_mpi.models import build_model
-from aau_mpi.policies import build_policy
-from aau_mpi.runlog import Progress, RankLog, append_json_line, summary_table, write_json
-from aau_mpi.schedule import events_announced
-from aau_mpi.stragglers import build_straggler
-from aau_mpi.topology import load_topology
+from aau_mpi.training.config import load_config
+from aau_mpi.training.datasets import load_dataset, partition, shard_loader
+from aau_mpi.base.errors import UserError, section
+from aau_mpi.training.evaluation import loss_and_correct
+from aau_mpi.comm.header import header_dtype
+from aau_mpi.training.models import build_model, save_model
+from aau_mpi.algorithms.policies import build_policy
+from aau_mpi.training.runlog import Progress, RankLog, append_json_line, summary_table, write_json
+from aau_mpi.algorithms.schedule import events_announced
+from aau_mpi.algorithms.stragglers import build_straggler
+from aau_mpi.algorithms.topology import load_topology
 
 BANDWIDTH_RESULTS = (Path(__file__).resolve().parent.parent / "bench" / "results"
                      / "mailbox_bandwidth.json")
@@ -314,7 +313,7 @@ class Simulator:
         self.events, self._order = [], itertools.count()
         self.pending = []                 # workers owing the gradient of their iteration
         self.samples = 0
-        self.word = 0                     # the announced events (aau_mpi.schedule's word)
+        self.word = 0                     # the announced events (aau_mpi.algorithms.schedule's word)
         self.stopped = False
         self.unfinished = n
         self.last_activity = 0.0
@@ -553,7 +552,7 @@ class Simulator:
     # ---- evaluations and the stop -----------------------------------------------
 
     def _announce(self, now):
-        """Whatever aau_mpi.schedule says is due now: evaluations, or the stop."""
+        """Whatever aau_mpi.algorithms.schedule says is due now: evaluations, or the stop."""
         while (word := self.schedule.next_word(self.word, 0, self.samples, now)) is not None:
             self.word = word
             count, stop = events_announced(word)
@@ -618,7 +617,7 @@ class Simulator:
                    "simulated": True, "timing": self.timing.describe(self.n)}
         if len(self.logged) < self.n:
             summary["logged_ranks"] = self.logged
-        checkpoint.save_model(self.folder / "model.h5", self.model, self.model_meta)
+        save_model(self.folder / "model.h5", self.model, self.model_meta)
         write_json(self.folder / "summary.json", summary)
         return summary
 

@@ -5,12 +5,12 @@ One user of the library API: it builds the job's components from the config
 a plain PyTorch loop around `aau_mpi.DecentralizedOptimizer`, which does the
 decentralized part. Around it, by name:
 
-- `aau_mpi.events`: evaluations and the stop, announced job-wide and served
+- `aau_mpi.decentralized.events`: evaluations and the stop, announced job-wide and served
   by every rank in the same order (also while it waits for neighbours);
-- `aau_mpi.watchdog`: a neighbour or a rank that stopped taking part;
-- `aau_mpi.checkpointer`: each rank's state, per generation, committed by
+- `aau_mpi.decentralized.watchdog`: a neighbour or a rank that stopped taking part;
+- `aau_mpi.decentralized.checkpointer`: each rank's state, per generation, committed by
   the last writer, no rank ever waiting for another;
-- `aau_mpi.runlog`: the run folder's logs, the progress line, the summary.
+- `aau_mpi.training.runlog`: the run folder's logs, the progress line, the summary.
 
 SIGTERM / SIGUSR1 (Slurm's warning before preemption): every rank stops,
 checkpoints and exits with EXIT_PREEMPTED; `--resume <run folder>` goes on,
@@ -30,20 +30,21 @@ import torch.nn.functional as F
 import yaml
 from mpi4py import MPI
 
-from aau_mpi import checkpoint
-from aau_mpi.checkpointer import Checkpointer
-from aau_mpi.config import config_from_dict, load_config
-from aau_mpi.datasets import DATASETS, load_dataset, partition, shard_loader
-from aau_mpi.errors import UserError, section
-from aau_mpi.evaluation import evaluate_job, loss_and_correct
-from aau_mpi.models import build_model
-from aau_mpi.optimizer import DecentralizedOptimizer
-from aau_mpi.policies import build_policy
-from aau_mpi.runlog import Progress, RankLog, append_json_line, summary_table, write_json
-from aau_mpi.stragglers import build_straggler
-from aau_mpi.topology import load_topology
-from aau_mpi.watchdog import Watchdog
-from aau_mpi.world import init, install_abort_hook
+from aau_mpi.decentralized import checkpoint
+from aau_mpi.decentralized.checkpointer import Checkpointer
+from aau_mpi.training.config import config_from_dict, load_config
+from aau_mpi.training.datasets import DATASETS, load_dataset, partition, shard_loader
+from aau_mpi.base.errors import UserError, section
+from aau_mpi.training.evaluation import evaluate_job, loss_and_correct
+from aau_mpi.training.models import build_model, save_model
+from aau_mpi.decentralized.optimizer import DecentralizedOptimizer
+from aau_mpi.algorithms.policies import build_policy
+from aau_mpi.training.runlog import Progress, RankLog, append_json_line, summary_table, write_json
+from aau_mpi.algorithms.stragglers import build_straggler
+from aau_mpi.algorithms.topology import load_topology
+from aau_mpi.decentralized.watchdog import Watchdog
+from aau_mpi.comm.world import install_abort_hook
+from aau_mpi.decentralized.device import init
 
 EXIT_PREEMPTED = 75          # EX_TEMPFAIL: "try again", what a requeue script looks for
 PAGE_BYTES = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
@@ -340,7 +341,7 @@ class Trainer:
                        "time_to_target": self.time_to_target,
                        "exit": "preempted" if preempted else "finished"}
             if not preempted:
-                checkpoint.save_model(self.folder / "model.h5", self.model, self._model_meta())
+                save_model(self.folder / "model.h5", self.model, self._model_meta())
             write_json(self.folder / "summary.json", summary)
             print(summary_table(summary), flush=True)
             print(f"run folder: {self.folder}" + (

@@ -89,9 +89,9 @@ def instrument(opt, out, loss):
 
 
 def replay(args):
-    from aau_mpi.config import load_config
+    from aau_mpi.training.config import load_config
     from aau_mpi.train import Trainer
-    from aau_mpi.world import init
+    from aau_mpi.decentralized.device import init
 
     world = init(device="cpu")
     plan = {"overrides": [], "runs_dir": args.out, "tau": 4, "gamma": 0.0}  # the benchmark's

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from mpi4py import MPI
 
 import aau_mpi
-from aau_mpi.models import build_model
+from aau_mpi.training.models import build_model
 
 
 def main():

@@ -19,7 +19,7 @@ import numpy as np
 from mpi4py import MPI
 
 import benchlib
-from aau_mpi.mailbox import Mailbox
+from aau_mpi.comm.mailbox import Mailbox
 
 DEFAULT_OUT = os.path.join(os.path.dirname(__file__), "results", "mailbox_bandwidth.json")
 

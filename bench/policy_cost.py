@@ -4,7 +4,7 @@
 
 Two measurements, medians over repeated calls after a warm-up:
 
-1. `select` on header snapshots (`aau_mpi.header.empty_headers`) in which
+1. `select` on header snapshots (`aau_mpi.comm.header.empty_headers`) in which
    every in-neighbour has a fresh deposit of this iteration (the usual case:
    every policy answers at once), for in-degrees 2, 4 and 16 (a complete
    graph), next to one training step of bench/digits.yaml's problem
@@ -27,10 +27,10 @@ import numpy as np
 from mpi4py import MPI
 
 import benchlib
-from aau_mpi.header import empty_headers
-from aau_mpi.mailbox import Mailbox
-from aau_mpi.policies import build_policy
-from aau_mpi.topology import load_topology
+from aau_mpi.comm.header import empty_headers
+from aau_mpi.comm.mailbox import Mailbox
+from aau_mpi.algorithms.policies import build_policy
+from aau_mpi.algorithms.topology import load_topology
 
 POLICIES = {"dpsgd": {}, "async": {}, "fixed_k": {"k": 1}, "aau": {}}
 DEGREES = (2, 4, 16)
@@ -62,9 +62,9 @@ def step_seconds(repeats):
     import torch
     import torch.nn.functional as F
 
-    from aau_mpi.config import load_config
-    from aau_mpi.datasets import load_dataset
-    from aau_mpi.models import build_model
+    from aau_mpi.training.config import load_config
+    from aau_mpi.training.datasets import load_dataset
+    from aau_mpi.training.models import build_model
 
     config = load_config(benchlib.BENCH / "digits.yaml")
     data = load_dataset(config.data.name, config.data.params)

@@ -60,7 +60,7 @@ def train_new(world, topology, iterations, batch):
     import torch
     import torch.nn.functional as F
     import aau_mpi
-    from aau_mpi.models import build_model
+    from aau_mpi.training.models import build_model
 
     torch.manual_seed(world.rank)
     x, y = torch.randn(8 * batch, 1, 40), torch.randint(0, 10, (8 * batch,))
@@ -97,11 +97,11 @@ def train_old(world, topology, iterations, batch):
     """An older checkout's Engine, as its trainer drove it (importable from PYTHONPATH)."""
     import torch
     import torch.nn.functional as F
-    from aau_mpi.control import JobControl
+    from aau_mpi.comm.control import JobControl
     from aau_mpi.engine import Engine
-    from aau_mpi.models import FlatParameters, build_model
-    from aau_mpi.policies import build_policy
-    from aau_mpi.topology import generate
+    from aau_mpi.training.models import FlatParameters, build_model
+    from aau_mpi.algorithms.policies import build_policy
+    from aau_mpi.algorithms.topology import generate
 
     torch.manual_seed(world.rank)
     xs, ys = torch.randn(8 * batch, 1, 40), torch.randint(0, 10, (8 * batch,))
@@ -148,9 +148,10 @@ def worker(plan):
     import numpy as np
     from mpi4py import MPI
     if plan["before"]:
-        from aau_mpi.world import init_world
+        from aau_mpi.comm.world import init_world
+        from aau_mpi.decentralized.device import set_torch_threads
         world = init_world()
-        world.set_torch_threads()
+        set_torch_threads(world)
         train = train_old
     else:
         import aau_mpi

@@ -28,7 +28,7 @@ FRACTIONS = (0.25, 0.5, 1.0)  # of the sample budget, where the table reads the 
 
 
 def worker(plan_path):
-    from aau_mpi.world import init
+    from aau_mpi.decentralized.device import init
 
     plan = json.loads(Path(plan_path).read_text())
     world = init(device="cpu")

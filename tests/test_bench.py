@@ -20,7 +20,7 @@ sys.path.insert(0, str(REPO / "bench"))
 
 import simulation  # noqa: E402  (bench/ is not a package)
 import stragglers  # noqa: E402
-from aau_mpi.topology import load_topology  # noqa: E402
+from aau_mpi.algorithms.topology import load_topology  # noqa: E402
 from launcher import ENV  # noqa: E402
 
 MPIEXEC = Path(sys.executable).with_name("mpiexec")

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from aau_mpi.checkpoint import (
-    check_compatible, commit_generation, find_checkpoint, load_model, read_manifest,
-    read_rank_state, save_model, write_rank_state)
-from aau_mpi.errors import UserError
-from aau_mpi.models import build_model
+from aau_mpi.decentralized.checkpoint import (
+    check_compatible, commit_generation, find_checkpoint, read_manifest, read_rank_state,
+    write_rank_state)
+from aau_mpi.base.errors import UserError
+from aau_mpi.training.models import build_model, load_model, save_model
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = "model:\n  name: mlp\n"
@@ -132,7 +132,7 @@ def test_commit_is_idempotent_needs_every_rank_and_reads_check_the_files(tmp_pat
 
 COMMIT_AT = """
 import sys, time
-from aau_mpi.checkpoint import commit_generation
+from aau_mpi.decentralized.checkpoint import commit_generation
 root, start = sys.argv[1], float(sys.argv[2])
 time.sleep(max(0.0, start - time.time()))
 commit_generation(root, 3, 2, "config", {"model": "mlp"}, keep=1)
@@ -160,7 +160,7 @@ def test_concurrent_commits_leave_one_valid_manifest(tmp_path):
 ENDLESS_WRITE = """
 import sys
 import numpy as np
-from aau_mpi.checkpoint import write_rank_state
+from aau_mpi.decentralized.checkpoint import write_rank_state
 
 class Endless(dict):
     def items(self):

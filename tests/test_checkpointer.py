@@ -1,4 +1,4 @@
-"""aau_mpi.checkpointer without MPI: the state codec (what a rank's checkpoint keeps comes
+"""aau_mpi.decentralized.checkpointer without MPI: the state codec (what a rank's checkpoint keeps comes
 back as it was), and the averaging that resumes N saved ranks on M."""
 
 import json
@@ -8,8 +8,9 @@ import pytest
 import torch
 from mpi4py import MPI
 
-from aau_mpi import checkpoint, checkpointer
-from aau_mpi.checkpointer import SavedTotals, decode, encode
+from aau_mpi.decentralized import checkpoint
+from aau_mpi.decentralized import checkpointer
+from aau_mpi.decentralized.checkpointer import SavedTotals, decode, encode
 
 
 def test_optimizer_state_round_trips_with_int_keys_tensors_and_arrays():

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from mpi4py import MPI
 
-from aau_mpi.control import JobControl
-from aau_mpi.schedule import FINISHED, events_announced, pack_events
+from aau_mpi.comm.control import JobControl
+from aau_mpi.algorithms.schedule import FINISHED, events_announced, pack_events
 
 comm = MPI.COMM_WORLD
 

@@ -14,9 +14,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aau_mpi.datasets import (DATASETS, PARTITIONS, Dataset, load_dataset, partition,
+from aau_mpi.training.datasets import (DATASETS, PARTITIONS, Dataset, load_dataset, partition,
                               shard_loader)
-from aau_mpi.errors import UserError
+from aau_mpi.base.errors import UserError
 
 
 # ------------------------------------------------------------------ helpers

@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 import pytest
-from aau_mpi import checkpoint
+from aau_mpi.decentralized import checkpoint
 
 from launcher import MLP, launch, launcher_required, rank_pids, start
 

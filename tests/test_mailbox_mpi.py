@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from mpi4py import MPI
 
-from aau_mpi.errors import UserError
-from aau_mpi.mailbox import Mailbox
+from aau_mpi.base.errors import UserError
+from aau_mpi.comm.mailbox import Mailbox
 
 comm = MPI.COMM_WORLD
 # Deposits the racing writers must make at least (tests/test_transport.py asks

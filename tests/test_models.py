@@ -4,8 +4,8 @@
 import pytest
 import torch
 
-from aau_mpi.errors import UserError
-from aau_mpi.models import MODELS, build_model
+from aau_mpi.base.errors import UserError
+from aau_mpi.training.models import MODELS, build_model
 
 
 @pytest.mark.parametrize("name, input_shape, params", [

@@ -4,8 +4,8 @@ import math
 
 import pytest
 
-from aau_mpi.errors import UserError
-from aau_mpi.optim import MIN_WARMUP_FACTOR, SCHEDULES, LearningRate
+from aau_mpi.base.errors import UserError
+from aau_mpi.algorithms.learning_rate import MIN_WARMUP_FACTOR, SCHEDULES, LearningRate
 
 GRID = [i / 100 for i in range(101)]
 

@@ -20,10 +20,10 @@ import torch
 from mpi4py import MPI
 
 import aau_mpi
-from aau_mpi import checkpoint
-from aau_mpi.schedule import Schedule
-from aau_mpi.stragglers import Straggler
-from aau_mpi.topology import Graph, generate
+from aau_mpi.decentralized import checkpoint
+from aau_mpi.algorithms.schedule import Schedule
+from aau_mpi.algorithms.stragglers import Straggler
+from aau_mpi.algorithms.topology import Graph, generate
 from user_models import CONTEXT, VOCAB, WIDTH, FineTuned
 
 comm = MPI.COMM_WORLD
@@ -815,7 +815,7 @@ def test_progress_lr_follows_global_progress_on_every_rank():
     """Ranks take different numbers of steps under one sample budget; ProgressLR's
     rate follows the job's progress, so every rank warms up and ends its cosine
     at the same point of the budget (CosineAnnealingLR(T_max=own steps) could not)."""
-    from aau_mpi.optim import LearningRate
+    from aau_mpi.algorithms.learning_rate import LearningRate
     world = aau_mpi.init(device="cpu")
     a, b = shard(comm.rank)
     model = LeastSquares()

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from aau_mpi.errors import UserError
-from aau_mpi.models import build_model
-from aau_mpi.parameters import FlatParameters
+from aau_mpi.base.errors import UserError
+from aau_mpi.training.models import build_model
+from aau_mpi.decentralized.parameters import FlatParameters
 from user_models import CONTEXT, VOCAB, WIDTH, FineTuned
 
 
@@ -115,7 +115,7 @@ def test_a_half_precision_model_is_a_user_error():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (none visible here)")
 def test_cuda_deposit_source_snapshots_before_later_kernels_into_pinned_memory():
-    from aau_mpi.parameters import DepositSource
+    from aau_mpi.decentralized.parameters import DepositSource
     model = small_model().cuda()
     flat = FlatParameters(model)
     source = DepositSource(flat.shared, threaded=True)

@@ -9,7 +9,7 @@ import yaml
 
 pytest.importorskip("matplotlib")  # the `plot` extra, not needed by the rest of the suite
 
-from aau_mpi.errors import UserError  # noqa: E402
+from aau_mpi.base.errors import UserError  # noqa: E402
 from aau_mpi.plot import load_run, load_runs, main, table  # noqa: E402
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -14,7 +14,7 @@ import shutil
 
 import pytest
 
-from aau_mpi import checkpoint
+from aau_mpi.decentralized import checkpoint
 
 from launcher import MLP, launch, launcher_required, read_lines
 

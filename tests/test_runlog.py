@@ -3,9 +3,9 @@
 import io
 import json
 
-from aau_mpi.optimizer import Iteration
-from aau_mpi.runlog import Progress, RankLog, duration, summary_table
-from aau_mpi.schedule import Schedule
+from aau_mpi.decentralized.optimizer import Iteration
+from aau_mpi.training.runlog import Progress, RankLog, duration, summary_table
+from aau_mpi.algorithms.schedule import Schedule
 
 
 def test_rank_log_writes_json_lines_and_an_unterminated_chrome_trace(tmp_path):

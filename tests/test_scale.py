@@ -10,8 +10,8 @@ import json
 
 import pytest
 
-from aau_mpi import checkpoint
-from aau_mpi.topology import generate
+from aau_mpi.decentralized import checkpoint
+from aau_mpi.algorithms.topology import generate
 
 from launcher import launch, launcher_required, read_lines
 

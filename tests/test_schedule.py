@@ -1,7 +1,7 @@
 """The job schedule: progress, evaluation points and the stop, as event words."""
 
-from aau_mpi.schedule import FINISHED, PREEMPTED, events_announced, pack_events
-from aau_mpi.schedule import Schedule
+from aau_mpi.algorithms.schedule import FINISHED, PREEMPTED, events_announced, pack_events
+from aau_mpi.algorithms.schedule import Schedule
 
 
 def test_progress_is_the_larger_fraction_of_the_budgets_clipped_to_one():

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from aau_mpi.config import config_from_dict
-from aau_mpi.datasets import load_dataset, partition, shard_loader
-from aau_mpi.models import build_model
-from aau_mpi.policies import POLICIES
+from aau_mpi.training.config import config_from_dict
+from aau_mpi.training.datasets import load_dataset, partition, shard_loader
+from aau_mpi.training.models import build_model
+from aau_mpi.algorithms.policies import POLICIES
 from aau_mpi.simulate import Simulator, cli, main
 
 STEP = 0.01          # virtual seconds per step, given: no start-up measurement

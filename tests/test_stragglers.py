@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from aau_mpi import stragglers
-from aau_mpi.errors import UserError
-from aau_mpi.stragglers import STRAGGLERS, build_straggler, slow_down
+from aau_mpi.algorithms import stragglers
+from aau_mpi.base.errors import UserError
+from aau_mpi.algorithms.stragglers import STRAGGLERS, build_straggler, slow_down
 
 
 def delays(model, n, step=0.1):

@@ -1,4 +1,4 @@
-"""Losing a rank without losing the job (faults.on_rank_loss, aau_mpi.survivors; issue 16).
+"""Losing a rank without losing the job (faults.on_rank_loss, aau_mpi.comm.survivors; issue 16).
 
 The graph of the survivors is a unit test. The rest are launcher tests under
 Open MPI's ULFM (`mpiexec --with-ft ulfm`), which is the only MPI here that
@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 from mpi4py import MPI
 
-from aau_mpi import checkpoint
-from aau_mpi.topology import Graph, generate, without
+from aau_mpi.decentralized import checkpoint
+from aau_mpi.algorithms.topology import Graph, generate, without
 
 from launcher import ENV, MLP, MPIEXEC, launch, launcher_required, rank_pids, read_lines, start
 from test_faults import wait_for

@@ -9,8 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aau_mpi.errors import UserError
-from aau_mpi.topology import GENERATORS, Graph, generate, load_topology, main
+from aau_mpi.base.errors import UserError
+from aau_mpi.algorithms.topology import GENERATORS, Graph, generate, load_topology
+from aau_mpi.topology import main
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED = sorted((REPO / "topologies").glob("*.yaml"))

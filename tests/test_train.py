@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 import torch
 
-from aau_mpi import checkpoint
-from aau_mpi.datasets import load_dataset
+from aau_mpi.checkpoint import load_model  # the documented name
+from aau_mpi.decentralized import checkpoint
+from aau_mpi.training.datasets import load_dataset
 
 from launcher import (MLP, QUICK, error_lines, launch, launcher_required, rank_pids,
                       read_lines, start)
@@ -60,7 +61,7 @@ def test_a_run_leaves_its_config_logs_summary_and_final_model(finished_run):
     assert summary["iterations"][1] < max(summary["iterations"]), "rank 1 is the 4x straggler"
 
     # The final model loads in one call and scores what the summary says.
-    model = checkpoint.load_model(folder / "model.h5")
+    model = load_model(folder / "model.h5")
     data = load_dataset("digits", {})
     with torch.no_grad():
         accuracy = (model(data.x_test).argmax(1) == data.y_test).float().mean().item()

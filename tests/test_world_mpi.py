@@ -7,7 +7,8 @@ import sys
 import pytest
 from mpi4py import MPI
 
-from aau_mpi.world import _clock_offsets, init, init_world
+from aau_mpi.comm.world import _clock_offsets, init_world
+from aau_mpi.decentralized.device import init, node_device, set_torch_threads
 
 
 @pytest.mark.mpi(min_size=2)
@@ -20,11 +21,11 @@ def test_node_local_ranks_threads_and_device():
     node_cores = set().union(*comm.allgather(os.sched_getaffinity(0)))
     assert world.cores_per_node == len(node_cores)
     assert world.threads_per_rank() == max(1, world.cores_per_node // world.local_size)
-    assert world.set_torch_threads() == world.threads_per_rank()
+    assert set_torch_threads(world) == world.threads_per_rank()
     import torch
     assert torch.get_num_threads() == world.threads_per_rank()
     expected = "cuda" if torch.cuda.is_available() else "cpu"
-    assert world.node_device().type == expected
+    assert node_device(world).type == expected
     assert init(device="auto").device.type == expected
     ticks = comm.allgather(world.clock())
     assert all(0 <= t < 60 for t in ticks), "the clock counts from the common start"
@@ -71,8 +72,8 @@ def test_an_error_on_one_rank_ends_the_whole_job():
     """Run on rank 0 only: a child job whose rank 1 raises must end, not hang."""
     if MPI.COMM_WORLD.rank != 0:
         return
-    script = ("from aau_mpi.world import init_world, install_abort_hook\n"
-              "from aau_mpi.errors import UserError\n"
+    script = ("from aau_mpi.comm.world import init_world, install_abort_hook\n"
+              "from aau_mpi.base.errors import UserError\n"
               "w = init_world(); install_abort_hook()\n"
               "if w.rank == 1: raise UserError('lr must be positive: set optim.lr > 0')\n"
               "w.comm.Barrier()\n")

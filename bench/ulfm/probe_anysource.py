@@ -1,4 +1,4 @@
-"""The detector aau_mpi.survivors uses: a receive from ANY_SOURCE that nobody sends to.
+"""The detector aau_mpi.comm.survivors uses: a receive from ANY_SOURCE that nobody sends to.
 
     mpirun --with-ft ulfm -n 4 python bench/ulfm/probe_anysource.py
 

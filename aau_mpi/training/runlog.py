@@ -7,7 +7,7 @@ A run folder holds:
     eval.jsonl             one JSON line per evaluation (rank 0)
     summary.json           the end-of-run summary (rank 0)
     trace-rank-00003.json  Chrome trace of rank 3's phases (output.trace: true)
-    checkpoints/           HDF5 checkpoints (see aau_mpi.checkpoint)
+    checkpoints/           HDF5 checkpoints (see aau_mpi.decentralized.checkpoint)
     model.h5               the final averaged model
 
 `aau_mpi.plot` reads these folders back.

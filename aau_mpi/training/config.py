@@ -40,17 +40,17 @@ from pathlib import Path
 
 import yaml
 
-from aau_mpi import checks
-from aau_mpi.datasets import DATASETS, PARTITIONS
-from aau_mpi.errors import UserError
-from aau_mpi.models import MODELS
-from aau_mpi.optim import LR_SCALINGS, SCHEDULES, LearningRate
-from aau_mpi.policies import POLICIES
-from aau_mpi.registry import Registry, closest
-from aau_mpi.schedule import Schedule
-from aau_mpi.settings import DEVICES, ON_RANK_LOSS, OVERLAP_MODES, WATCHDOG_ACTIONS
-from aau_mpi.stragglers import STRAGGLERS
-from aau_mpi.topology import GENERATORS
+from aau_mpi.base import checks
+from aau_mpi.training.datasets import DATASETS, PARTITIONS
+from aau_mpi.base.errors import UserError
+from aau_mpi.training.models import MODELS
+from aau_mpi.algorithms.learning_rate import LR_SCALINGS, SCHEDULES, LearningRate
+from aau_mpi.algorithms.policies import POLICIES
+from aau_mpi.base.registry import Registry, closest
+from aau_mpi.algorithms.schedule import Schedule
+from aau_mpi.base.settings import DEVICES, ON_RANK_LOSS, OVERLAP_MODES, WATCHDOG_ACTIONS
+from aau_mpi.algorithms.stragglers import STRAGGLERS
+from aau_mpi.algorithms.topology import GENERATORS
 
 
 
@@ -165,7 +165,7 @@ class FaultsConfig:
 @dataclass
 class MailboxConfig:
     checksum: bool = False           # crc32 every deposit, verify every read
-    overlap: str = "auto"            # thread | inline | auto (aau_mpi.depositor)
+    overlap: str = "auto"            # thread | inline | auto (aau_mpi.comm.depositor)
 
 
 @dataclass
@@ -295,11 +295,11 @@ CONVERTERS = {
 @dataclass(frozen=True)
 class _Field:
     kind: str
-    check: object = None     # bounds for aau_mpi.checks (a dict), or the allowed strings (a tuple)
+    check: object = None     # bounds for aau_mpi.base.checks (a dict), or the allowed strings (a tuple)
     optional: bool = False   # None (null) allowed
 
 
-# Bounds in aau_mpi.checks' terms (the one set of value checks).
+# Bounds in aau_mpi.base.checks' terms (the one set of value checks).
 POSITIVE = {"above": 0}
 NON_NEGATIVE = {"minimum": 0}
 AT_LEAST_ONE = {"minimum": 1}

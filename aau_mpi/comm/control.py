@@ -4,7 +4,7 @@ A small window on rank 0 holds int64 words:
 
     0          samples used by all ranks together (the global sample budget)
     1          the event word: job-wide events, announced in order
-               (its encoding is `aau_mpi.schedule`'s)
+               (its encoding is `aau_mpi.algorithms.schedule`'s)
     2 + r      the newest checkpoint generation that rank r has written
 
 Every operation is an atomic accumulate-family call (`Fetch_and_op`,
@@ -16,7 +16,7 @@ and an accumulate completes at a passive target without the target making
 MPI calls (the same passive progress the mailbox relies on). The window is
 opened with one collective `Lock_all` for its life.
 
-Each call is a round trip to rank 0, so callers batch: `aau_mpi.events`
+Each call is a round trip to rank 0, so callers batch: `aau_mpi.decentralized.events`
 adds a rank's samples every few milliseconds, not every step.
 """
 

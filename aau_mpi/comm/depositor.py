@@ -5,7 +5,7 @@ section 3: "the deposit precedes the compute phase so that communication
 overlaps computation"). `Depositor.submit` hands one deposit to a thread and
 returns at once; the caller computes its next gradient meanwhile and calls
 `wait()` before it changes the deposited buffer again. The caller deposits a
-snapshot of x taken before its step returned (aau_mpi.parameters.DepositSource),
+snapshot of x taken before its step returned (aau_mpi.decentralized.parameters.DepositSource),
 never the live model, which the user's loop rewrites meanwhile; so a deposit
 always carries one whole x (the no-torn-read contract needs nothing more: the
 seqlock is per slot, whichever thread writes it).
@@ -24,8 +24,8 @@ import time
 
 from mpi4py import MPI
 
-from aau_mpi import checks
-from aau_mpi.settings import OVERLAP_MODES
+from aau_mpi.base import checks
+from aau_mpi.base.settings import OVERLAP_MODES
 
 
 def thread_multiple():

@@ -19,9 +19,9 @@ import time
 
 import numpy as np
 
-from aau_mpi import checks
-from aau_mpi.settings import WATCHDOG_ACTIONS as ACTIONS
-from aau_mpi.world import report_and_abort
+from aau_mpi.base import checks
+from aau_mpi.base.settings import WATCHDOG_ACTIONS as ACTIONS
+from aau_mpi.comm.world import report_and_abort
 
 EXIT_STALLED = 3
 

@@ -8,7 +8,7 @@ registered name.
 import difflib
 import inspect
 
-from aau_mpi.errors import UserError
+from aau_mpi.base.errors import UserError
 
 
 def closest(name, candidates):

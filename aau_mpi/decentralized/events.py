@@ -4,7 +4,7 @@ Evaluation needs every rank (an average is a collective), and the stop must
 reach every rank, yet no rank may block in a collective while a neighbour
 waits for its next deposit: that neighbour would never reach the
 collective. So events are announced through the event word of the control
-window on rank 0 (`aau_mpi.control`, encoding in `aau_mpi.schedule`) and
+window on rank 0 (`aau_mpi.comm.control`, encoding in `aau_mpi.algorithms.schedule`) and
 every rank serves them in the same order: after a step, and also while it
 waits (for neighbours, or in the final average), so a rank blocked on a
 neighbour that is already in an evaluation joins it from its wait loop. The
@@ -38,8 +38,8 @@ import time
 import numpy as np
 from mpi4py import MPI
 
-from aau_mpi.control import JobControl
-from aau_mpi.schedule import RUNNING, Schedule, events_announced
+from aau_mpi.comm.control import JobControl
+from aau_mpi.algorithms.schedule import RUNNING, Schedule, events_announced
 
 FLUSH_SECONDS = 0.02          # the shortest interval between a rank's flushes
 FLUSH_SHARE = 0.002           # ... and a fraction of the training time so far

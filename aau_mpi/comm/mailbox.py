@@ -19,7 +19,7 @@ Slot s = (index of the sender in the owner's sorted in-neighbour list)
          iteration mod slots_per_neighbour).
 The table and each payload start on a 64-byte boundary.
 
-Header record (`aau_mpi.header.header_dtype`):
+Header record (`aau_mpi.comm.header.header_dtype`):
 
     version    int64   seqlock word: odd while a deposit is being written
     seq        int64   deposits this sender has made into this slot
@@ -74,7 +74,7 @@ operations at that target, which orders the three writer steps.
 seqlock needs none.
 
 Threads: `deposit` may run on a communication thread while the owner's
-thread calls `headers` and `read` (see `aau_mpi.depositor`); that needs
+thread calls `headers` and `read` (see `aau_mpi.comm.depositor`); that needs
 `MPI_THREAD_MULTIPLE`. Deposits themselves must come from one thread at a
 time.
 """
@@ -85,8 +85,8 @@ import zlib
 import numpy as np
 from mpi4py import MPI
 
-from aau_mpi.errors import UserError
-from aau_mpi.header import LAYOUT_VERSION, header_dtype
+from aau_mpi.base.errors import UserError
+from aau_mpi.comm.header import LAYOUT_VERSION, header_dtype
 
 ALIGN = 64
 

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
-from aau_mpi.errors import UserError
+from aau_mpi.base.errors import UserError
 
 
 class MetricAverage:

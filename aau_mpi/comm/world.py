@@ -1,9 +1,8 @@
-"""MPI start-up: who am I, who shares my node, which device, how many threads, what time it is.
+"""MPI start-up: who am I, who shares my node, how many cores, what time it is.
 
-`aau_mpi.init()` is the one call a training script makes first; it returns
-the process's `World` (and keeps it as the default for everything built
-afterwards). It also fixes the **job clock** that every mailbox header
-carries (spec section 2, contract 5): seconds since a common start, on rank
+`init_world` builds the process's `World` (no torch: `aau_mpi.init()` in
+decentralized/device.py adds the device and torch's threads). It also fixes
+the **job clock** that every mailbox header carries (spec section 2, contract 5): seconds since a common start, on rank
 0's time line. Its source is CLOCK_MONOTONIC (`time.monotonic`), which all
 processes of one node share; `MPI.Wtime` would not do: Open MPI counts it
 from each process's own MPI_Init (measured: two ranks of one node 0.13 s
@@ -21,13 +20,10 @@ from dataclasses import dataclass
 
 from mpi4py import MPI
 
-from aau_mpi.errors import UserError
-from aau_mpi.settings import DEVICES
+from aau_mpi.base.errors import UserError
 
 ABORT_GRACE_SECONDS = 0.5
 OFFSET_ROUNDS = 8          # ping-pongs per node leader; the fastest one is kept
-
-_current = None            # the World that init() made
 
 
 @dataclass(frozen=True)
@@ -41,18 +37,11 @@ class World:
     cores_per_node: int
     start_time: float     # rank 0's time.monotonic() at the common start
     clock_offset: float   # rank 0's monotonic clock minus this node's
-    device: object = None  # torch.device chosen by init(); None before
+    device: object = None  # the torch.device that aau_mpi.init() chose; None before
 
     def clock(self):
         """The job clock: seconds since the common start, on rank 0's time line."""
         return time.monotonic() + self.clock_offset - self.start_time
-
-    def node_device(self):
-        """`cuda:<local rank mod GPUs>` when CUDA is available, else `cpu`."""
-        import torch
-        if torch.cuda.is_available():
-            return torch.device(f"cuda:{self.local_rank % torch.cuda.device_count()}")
-        return torch.device("cpu")
 
     def threads_per_rank(self):
         """Cores of this node shared out among its ranks, at least one each.
@@ -61,12 +50,6 @@ class World:
         with 2 threads each on 2 cores ran 15x slower than with 1 thread each.
         """
         return max(1, self.cores_per_node // self.local_size)
-
-    def set_torch_threads(self):
-        import torch
-        threads = self.threads_per_rank()
-        torch.set_num_threads(threads)
-        return threads
 
 
 def _node_cores(node_comm):
@@ -126,44 +109,6 @@ def init_world(comm=None, device=None):
                  node_comm=node_comm, local_rank=node_comm.Get_rank(),
                  local_size=node_comm.Get_size(), cores_per_node=cores,
                  start_time=start, clock_offset=offset, device=device)
-
-
-def init(comm=None, *, device="auto", abort_on_error=True):
-    """Start aau_mpi in this process: collective over `comm` (default COMM_WORLD).
-
-    Sets torch's threads to this rank's share of its node's cores, picks the
-    device (`auto`: the node-local GPU `cuda:<local rank mod GPUs>` when CUDA
-    is available, else the CPU) and makes it torch's current CUDA device, and,
-    with `abort_on_error`, makes an uncaught exception on any rank end the
-    whole job instead of leaving the others waiting. Returns the World.
-    """
-    global _current
-    if device not in DEVICES:
-        raise UserError(f"device must be one of {', '.join(DEVICES)}, got {device!r}: "
-                        f"use device='auto'")
-    world = init_world(comm)
-    if abort_on_error:
-        install_abort_hook(world.comm)
-    import torch
-    world.set_torch_threads()
-    if device == "cpu":
-        chosen = torch.device("cpu")
-    elif device == "cuda" and not torch.cuda.is_available():
-        raise UserError("device: cuda requested but torch sees no GPU: set device=auto "
-                        "or device=cpu, or install a CUDA build of torch")
-    else:
-        chosen = world.node_device()
-    if chosen.type == "cuda":
-        # Anything that uses "the current device" (new tensors, NCCL, cuDNN
-        # handles) must land on this rank's GPU, not on GPU 0.
-        torch.cuda.set_device(chosen)
-    _current = World(**{**world.__dict__, "device": chosen})
-    return _current
-
-
-def current_world():
-    """The World that init() made, or None before init()."""
-    return _current
 
 
 def report_and_abort(message, exit_code=2, comm=None):

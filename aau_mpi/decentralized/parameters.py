@@ -46,7 +46,7 @@ into pinned memory on a side stream), and the thread deposits the snapshot.
 
 import torch
 
-from aau_mpi.errors import UserError
+from aau_mpi.base.errors import UserError
 
 # The order of `flat` (saved with a model's vector, see load_): 1 = every
 # parameter, then every floating buffer (aau_mpi until frozen parameters were

@@ -4,7 +4,7 @@ Each rank writes its own state (the DecentralizedOptimizer's `state_dict()`:
 its model, the wrapped optimizer's state, the policy's, the straggler's,
 the progress counters, plus whatever `extra_state()` adds, such as a data
 loader's position) when its own schedule says so, as its next *generation*
-(aau_mpi.checkpoint: one HDF5 file per rank per generation, atomic). It then
+(aau_mpi.decentralized.checkpoint: one HDF5 file per rank per generation, atomic). It then
 records the generation in the control window on rank 0; the rank whose
 write completes a generation (the last one, which sees every rank at that
 generation) commits it by writing the manifest. No rank waits for another,
@@ -35,8 +35,9 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
-from aau_mpi import checkpoint, checks
-from aau_mpi.errors import UserError
+from aau_mpi.decentralized import checkpoint
+from aau_mpi.base import checks
+from aau_mpi.base.errors import UserError
 
 
 def encode(value, arrays, path="state"):

@@ -1,4 +1,4 @@
-"""The mailbox slot header record (layout documented in `aau_mpi.mailbox`).
+"""The mailbox slot header record (layout documented in `aau_mpi.comm.mailbox`).
 
 Pure numpy, no MPI: policies read snapshots of these records, and their unit
 tests build synthetic ones with `empty_headers`.

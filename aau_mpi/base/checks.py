@@ -9,7 +9,7 @@ integral float (2.0) is an integer; NaN and infinity are never numbers.
 import math
 import numbers
 
-from aau_mpi.errors import UserError
+from aau_mpi.base.errors import UserError
 
 
 def _show(value):

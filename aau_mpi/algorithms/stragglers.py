@@ -25,9 +25,9 @@ import time
 
 import numpy as np
 
-from aau_mpi import checks
-from aau_mpi.errors import UserError
-from aau_mpi.registry import Registry
+from aau_mpi.base import checks
+from aau_mpi.base.errors import UserError
+from aau_mpi.base.registry import Registry
 
 STRAGGLERS = Registry("straggler model")
 

@@ -24,10 +24,10 @@ import h5py
 import numpy as np
 import torch
 
-from aau_mpi.checkpoint import atomic_h5, one_line
-from aau_mpi import checks
-from aau_mpi.errors import UserError
-from aau_mpi.registry import Registry
+from aau_mpi.decentralized.checkpoint import atomic_h5, one_line
+from aau_mpi.base import checks
+from aau_mpi.base.errors import UserError
+from aau_mpi.base.registry import Registry
 
 DATASETS = Registry("dataset")
 PARTITIONS = Registry("partition scheme")

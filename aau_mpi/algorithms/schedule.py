@@ -1,10 +1,10 @@
 """When a job evaluates and stops: pure decisions over global progress.
 
 Progress is measured in samples used by all ranks together (the shared
-counter of `aau_mpi.control`) and in training seconds (the clock that
+counter of `aau_mpi.comm.control`) and in training seconds (the clock that
 excludes evaluation). Every rank asks the same questions of the same
 numbers, and announces what is due through the event word, so all ranks
-evaluate and stop on the same events (`aau_mpi.events` does the announcing).
+evaluate and stop on the same events (`aau_mpi.decentralized.events` does the announcing).
 
 The event word packs (count << 2) | stop: `count` events have been announced
 so far; when `stop` is non-zero the last of them is the stop event, with

@@ -13,7 +13,7 @@ It wraps any torch optimizer (like torch.distributed's PostLocalSGDOptimizer
 or Horovod's DistributedOptimizer) and runs spec section 3 around its step:
 
     deposit(x_k)  -- on a communication thread, while the user's loop
-                     computes the gradient at x_k (aau_mpi.depositor)
+                     computes the gradient at x_k (aau_mpi.comm.depositor)
     step():  wait until the policy selects (serving job-wide events and the
              watchdog meanwhile); x <- mix(x, neighbours' deposits); the
              wrapped optimizer's step (lr times the policy's step scale);
@@ -27,7 +27,7 @@ optimizer's. Settings that every rank must share are checked at
 construction, with the model, in one allgather.
 
 The model's parameters and floating buffers live in one flat tensor on the
-model's device (aau_mpi.parameters): the mix and the step happen there.
+model's device (aau_mpi.decentralized.parameters): the mix and the step happen there.
 Only its communicated part (`params.shared`: the trainable parameters and
 the persistent floating buffers) is deposited, mixed and averaged; frozen
 parameters and non-persistent buffers (a causal mask) stay as they are. On
@@ -53,22 +53,23 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
-from aau_mpi import checks
-from aau_mpi.depositor import Depositor, use_thread
-from aau_mpi.errors import UserError
-from aau_mpi.events import JobEvents
-from aau_mpi.mailbox import Backoff, Mailbox
-from aau_mpi.metric_average import MetricAverages
-from aau_mpi.parameters import LAYOUT, DepositSource, FlatParameters
-from aau_mpi.policies import Policy, build_policy
-from aau_mpi.schedule import PREEMPTED, Schedule
-from aau_mpi.settings import ON_RANK_LOSS
-from aau_mpi.stragglers import Straggler, build_straggler, slow_down
-from aau_mpi.survivors import (LossDetector, RankLost, errors_return, is_rank_loss, revoke,
+from aau_mpi.base import checks
+from aau_mpi.comm.depositor import Depositor, use_thread
+from aau_mpi.base.errors import UserError
+from aau_mpi.decentralized.events import JobEvents
+from aau_mpi.comm.mailbox import Backoff, Mailbox
+from aau_mpi.decentralized.metric_average import MetricAverages
+from aau_mpi.decentralized.parameters import LAYOUT, DepositSource, FlatParameters
+from aau_mpi.algorithms.policies import Policy, build_policy
+from aau_mpi.algorithms.schedule import PREEMPTED, Schedule
+from aau_mpi.base.settings import ON_RANK_LOSS
+from aau_mpi.algorithms.stragglers import Straggler, build_straggler, slow_down
+from aau_mpi.comm.survivors import (LossDetector, RankLost, errors_return, is_rank_loss, revoke,
                                shrink, ulfm_available, unsupported_reason)
-from aau_mpi.topology import Graph, load_topology, without
-from aau_mpi.watchdog import Watchdog, neighbour_report
-from aau_mpi.world import current_world, install_abort_hook
+from aau_mpi.algorithms.topology import Graph, load_topology, without
+from aau_mpi.decentralized.watchdog import Watchdog, neighbour_report
+from aau_mpi.comm.world import install_abort_hook
+from aau_mpi.decentralized.device import current_world
 
 # Every microsecond between a deposit (or a collective's completion) and
 # this rank noticing it adds to the iteration: poll at least every 0.1 ms
@@ -785,7 +786,7 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
         rank's value posted as its same-numbered metric (each rank's k-th call
         pairs with the others' k-th), ready some steps after the last rank
         posted its own (`ready()`), and always after `finish()`. Not
-        collective in time: call it anywhere in the loop (aau_mpi.metric_average).
+        collective in time: call it anywhere in the loop (aau_mpi.decentralized.metric_average).
         """
         self._check_open()
         return self._metrics.post(value)
@@ -1011,7 +1012,7 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
 
         Revoke what we communicate on (ranks blocked in a collective return),
         shrink the job's communicator, and rebuild on it: the graph without the
-        lost ranks (aau_mpi.topology.without), the policy for it (its state
+        lost ranks (aau_mpi.algorithms.topology.without), the policy for it (its state
         reset: it described the old neighbours), new windows (the old ones are
         left, not freed: that would be collective with a dead member), the
         job-wide events from what the survivors saw (the largest sample count,

@@ -5,7 +5,7 @@ many, a straggler few), so a schedule over a rank's own step count, such as
 CosineAnnealingLR(T_max=steps), is wrong on most ranks: it ends early on the
 fast ones and never ends on the slow ones. ProgressLR's factor is a function
 of `opt.progress()`, the fraction of the job's budget used, which every rank
-shares; the schedules and the warm-up are aau_mpi.optim's (the trainer's).
+shares; the schedules and the warm-up are aau_mpi.algorithms.learning_rate's (the trainer's).
 
     opt = aau_mpi.DecentralizedOptimizer(..., schedule=aau_mpi.Schedule(sample_budget=n))
     scheduler = aau_mpi.ProgressLR(opt, schedule="cosine", warmup=0.05, final=0.0)
@@ -15,9 +15,9 @@ shares; the schedules and the warm-up are aau_mpi.optim's (the trainer's).
 
 import torch
 
-from aau_mpi.errors import UserError
-from aau_mpi.optim import LearningRate
-from aau_mpi.optimizer import DecentralizedOptimizer
+from aau_mpi.base.errors import UserError
+from aau_mpi.algorithms.learning_rate import LearningRate
+from aau_mpi.decentralized.optimizer import DecentralizedOptimizer
 
 
 class ProgressLR(torch.optim.lr_scheduler.LRScheduler):
@@ -25,7 +25,7 @@ class ProgressLR(torch.optim.lr_scheduler.LRScheduler):
 
     optimizer: a DecentralizedOptimizer whose Schedule has a sample or time budget.
     schedule:  "cosine" (final=0.0), "step" (milestones=(0.5, 0.75), factor=0.1) or
-               "constant" (aau_mpi.optim.SCHEDULES), its parameters as keywords.
+               "constant" (aau_mpi.algorithms.learning_rate.SCHEDULES), its parameters as keywords.
     warmup:    the fraction of the budget over which the lr rises linearly, from
                lr / 1000.
     step() sets the lr for the job's progress now: call it after each opt.step().

@@ -33,8 +33,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from aau_mpi import checks
-from aau_mpi.registry import Registry
+from aau_mpi.base import checks
+from aau_mpi.base.registry import Registry
 
 POLICIES = Registry("policy")
 EWMA_WEIGHT = 0.3

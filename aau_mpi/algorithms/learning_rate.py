@@ -25,9 +25,9 @@ and Hoffer et al. 2017, is gentler):
 import bisect
 import math
 
-from aau_mpi import checks
-from aau_mpi.errors import UserError
-from aau_mpi.registry import Registry
+from aau_mpi.base import checks
+from aau_mpi.base.errors import UserError
+from aau_mpi.base.registry import Registry
 
 SCHEDULES = Registry("lr schedule")
 LR_SCALINGS = ("none", "linear", "sqrt")

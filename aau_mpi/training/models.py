@@ -1,15 +1,28 @@
-"""Models by name (the config's `model.name`); each factory takes (input_shape, num_classes, **params)."""
+"""Models by name (the config's `model.name`), and the model file that rebuilds one.
 
+Each factory takes (input_shape, num_classes, **params). `save_model` writes a
+model's weights with the meta that names its factory; `load_model` rebuilds it
+(<run>/model.h5, docs/checkpoints.md).
+"""
+
+import json
 import math
+import time
+from pathlib import Path
 
+import torch
 from torch import nn
 from torch.nn import functional as F
 
-from aau_mpi import checks
-from aau_mpi.errors import UserError
-from aau_mpi.registry import Registry
+from aau_mpi.base import checks
+from aau_mpi.base.errors import UserError
+from aau_mpi.base.registry import Registry
+from aau_mpi.decentralized.checkpoint import (FORMAT_VERSION, atomic_h5, one_line, open_h5,
+                                              read_arrays, set_texts, text, write_arrays)
 
 MODELS = Registry("model")
+MODEL_FORMAT = "aau_mpi.model"
+MODEL_META_KEYS = ("model", "model_params", "input_shape", "num_classes")
 
 
 def build_model(name, input_shape, num_classes, params=None):
@@ -126,7 +139,7 @@ def resnet18(input_shape, num_classes, norm="group"):
 
     norm="group" (default): GroupNorm with 32 groups (no buffers). norm="batch":
     BatchNorm; its running statistics are floating buffers, which the flat
-    vector of aau_mpi.parameters holds beside the weights, so they are mixed
+    vector of aau_mpi.decentralized.parameters holds beside the weights, so they are mixed
     and averaged with them.
     """
     if norm not in NORM_LAYERS:
@@ -142,3 +155,36 @@ def resnet18(input_shape, num_classes, norm="group"):
         in_channels = out_channels
     layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, num_classes)]
     return nn.Sequential(*layers)
+
+
+# ---- the model file -----------------------------------------------------------
+
+def save_model(path, module_or_state_dict, meta):
+    """Write a model's state_dict and the meta that rebuilds it (see load_model) atomically."""
+    missing = [key for key in MODEL_META_KEYS if key not in meta]
+    if missing:
+        raise ValueError(f"save_model meta lacks {', '.join(missing)}")
+    state = module_or_state_dict
+    if hasattr(state, "state_dict"):
+        state = state.state_dict()
+    path = Path(path)
+    with atomic_h5(path) as file:
+        file.attrs.update(format_version=FORMAT_VERSION, created=time.time())
+        set_texts(file.attrs, format=MODEL_FORMAT, meta=json.dumps(meta))
+        write_arrays(file.create_group("state"),
+                     {name: tensor.detach().cpu().numpy() for name, tensor in state.items()})
+
+
+def load_model(path, device="cpu"):
+    """The model that save_model wrote, rebuilt by name, weights loaded (strict), in eval mode."""
+    hint = "save the model again, or load another model file"
+    with open_h5(path, MODEL_FORMAT, hint) as file:
+        meta = json.loads(text(file.attrs, "meta"))
+        name, params, input_shape, num_classes = (meta[key] for key in MODEL_META_KEYS)
+        state = read_arrays(file["state"], path, hint)
+    model = build_model(name, input_shape, num_classes, params)
+    try:
+        model.load_state_dict({key: torch.from_numpy(array) for key, array in state.items()})
+    except RuntimeError as err:
+        raise UserError(f"{path} does not fit model {name!r} ({one_line(err)}): {hint}") from None
+    return model.to(device).eval()
