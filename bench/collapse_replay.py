@@ -42,7 +42,7 @@ def instrument(opt, out, loss):
     `loss()` is the step's training loss."""
     import torch
 
-    mix_selection, local_step = opt._mix_selection, opt._local_step
+    mix_selection, local_step = opt.exchange._mix_selection, opt._local_step
     state = {}
     relus = [m for m in opt.model.modules() if isinstance(m, torch.nn.ReLU)]
 
@@ -84,7 +84,7 @@ def instrument(opt, out, loss):
                     staleness=record.staleness, lr=opt.param_groups[0]["lr"] * record.step_scale)
         out.write(json.dumps(line) + "\n")
 
-    opt._mix_selection, opt._local_step = logged_mix, logged_step
+    opt.exchange._mix_selection, opt._local_step = logged_mix, logged_step
     opt.on_iteration = logged_iteration
 
 

@@ -256,12 +256,18 @@ class Checkpointer:
         checkpoint.commit_generation(self.root, generation, self.opt.size, self.config_yaml,
                                      self.meta, keep=self.keep, prune_old=False)
         self.committed = generation
-        if self._pruning is not None:
-            self._pruning.join()
+        self.settle()
         self._pruning = threading.Thread(target=checkpoint.prune,
                                          args=(self.root, generation, self.keep), daemon=True)
         self._pruning.start()
         if wait:
+            self.settle()
+
+    def settle(self):
+        """Wait for the pruning of older generations still running: at the end of a job,
+        which may end without a final write (a diverged average), nothing may still
+        be deleting in the checkpoints folder."""
+        if self._pruning is not None:
             self._pruning.join()
 
     def restore(self, source):

@@ -35,56 +35,35 @@ a GPU, one device-to-host copy per deposit (asynchronous, on its own stream,
 into pinned memory) and one host-to-device copy per neighbour payload mixed;
 gradients never leave the device except for the allreduce baseline.
 
-Layers: the mailbox (transport) knows nothing of policies; the policy
-(pure decisions) knows nothing of MPI or torch; this class joins them around
-a torch model, and the trainer (aau_mpi.train) is one user of it.
+It composes three objects (docs/architecture.md): an exchange chosen once
+(exchange.py: `Gossip` through the mailbox, or `GradientAllreduce`), a
+membership (membership.py: communicators, mailbox, thread, events, loss
+detector; rebuilt on the survivors after a lost rank) and collectives over
+the flat vector that never block a rank (collectives.py). This class keeps
+the torch face, the iteration, the state and `finish`; the trainer
+(aau_mpi.train) is one user of it.
 """
 
 import atexit
 import sys
-import tempfile
-import time
 import weakref
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from mpi4py import MPI
 
-from aau_mpi.base import checks
-from aau_mpi.comm.depositor import Depositor, use_thread
+from aau_mpi.algorithms.schedule import PREEMPTED
+from aau_mpi.algorithms.stragglers import slow_down
 from aau_mpi.base.errors import UserError
-from aau_mpi.decentralized.events import JobEvents
-from aau_mpi.comm.mailbox import Backoff, Mailbox
-from aau_mpi.decentralized.metric_average import MetricAverages
-from aau_mpi.decentralized.parameters import LAYOUT, DepositSource, FlatParameters
-from aau_mpi.algorithms.policies import Policy, build_policy
-from aau_mpi.algorithms.schedule import PREEMPTED, Schedule
-from aau_mpi.base.settings import ON_RANK_LOSS
-from aau_mpi.algorithms.stragglers import Straggler, build_straggler, slow_down
-from aau_mpi.comm.survivors import (LossDetector, RankLost, errors_return, is_rank_loss, revoke,
-                               shrink, ulfm_available, unsupported_reason)
-from aau_mpi.algorithms.topology import Graph, load_topology, without
-from aau_mpi.decentralized.watchdog import Watchdog, neighbour_report
-from aau_mpi.comm.world import install_abort_hook
+from aau_mpi.comm.survivors import RankLost, errors_return, is_rank_loss
+from aau_mpi.decentralized import arguments, collectives
+from aau_mpi.decentralized.collectives import wait_for
 from aau_mpi.decentralized.device import current_world
-
-# Every microsecond between a deposit (or a collective's completion) and
-# this rank noticing it adds to the iteration: poll at least every 0.1 ms
-# (a 1 ms cap made LeNet iterations on digits 1.6x slower, for every policy,
-# 4 ranks on 2 cores). Ranks oversubscribed beyond 2 per core poll less
-# often, with the square of the excess: there, a waiting rank's polls take
-# the core that the neighbour it waits for needs, and every one of its many
-# neighbours polls too. 64 ranks on 2 cores (32 per core) spent 94 % of
-# their time waiting with a 1.6 ms cap, most of the cores' time in polls
-# (~40 us each); an iteration there takes over 100 ms anyway.
-POLL_CAP = 1e-4
-# A waiting rank re-runs its policy when a version word moved, or at least
-# this often (a stalled neighbour skipped by the watchdog changes nothing
-# in the window).
-RESELECT_SECONDS = 0.01
+from aau_mpi.decentralized.exchange import Gossip, GradientAllreduce
+from aau_mpi.decentralized.membership import Membership
+from aau_mpi.decentralized.parameters import LAYOUT, FlatParameters
+from aau_mpi.decentralized.watchdog import Watchdog
 
 # The optimizers of this process that finish() has not closed: one that took a
 # step and is still here at exit left its model unaveraged (_report_unfinished).
@@ -112,73 +91,6 @@ class Iteration:
     step_scale: float = 1.0
 
 
-def wait_for(request, idle=None, cap=POLL_CAP):
-    """Complete a non-blocking MPI request, calling `idle` while it is pending.
-
-    Waiting in Test rather than in a blocking call lets the caller serve
-    events and watch for a rank that never arrives.
-    """
-    backoff = Backoff(cap=cap)
-    while not request.Test():
-        backoff.wait()
-        if idle:
-            idle()
-
-
-def _resolve_topology(topology, size):
-    if isinstance(topology, Graph):
-        if topology.n != size:
-            raise UserError(f"topology {topology.name} has {topology.n} nodes but the job has "
-                            f"{size} ranks: build it for {size} ranks")
-        return topology
-    return load_topology(topology, size)
-
-
-def _resolve_policy(policy, graph, rank):
-    if isinstance(policy, Policy):
-        return policy
-    if isinstance(policy, dict):
-        params = {key: value for key, value in policy.items() if key != "name"}
-        return build_policy(policy.get("name", "aau"), graph, rank, params)
-    return build_policy(policy, graph, rank)
-
-
-def _describe_policy(policy):
-    """A policy as the user named it: "aau", "aau(tau=8)", or a Policy's class name."""
-    if not hasattr(policy, "spec"):
-        return type(policy).__name__
-    name, params = policy.spec
-    if not params:
-        return name
-    return f"{name}({', '.join(f'{key}={value!r}' for key, value in sorted(params.items()))})"
-
-
-def _rank_list(ranks):
-    """[0, 2, 3, 4, 5] -> "0,2-5": runs of three or more ranks as a range."""
-    runs = []
-    for rank in ranks:
-        if runs and rank == runs[-1][1] + 1:
-            runs[-1][1] = rank
-        else:
-            runs.append([rank, rank])
-    return ",".join(str(a) if a == b else f"{a},{b}" if b == a + 1 else f"{a}-{b}"
-                    for a, b in runs)
-
-
-def _who_passes(values):
-    """"rank 0,2,3 aau, rank 1 dpsgd": which ranks pass which value (rank i passed
-    values[i]). A (name, digest) value reads as its name, with the digest where
-    two values share a name."""
-    ranks = {}
-    for rank, value in enumerate(values):
-        ranks.setdefault(value, []).append(rank)
-    names = [value[0] if isinstance(value, tuple) else value for value in ranks]
-    if len(set(names)) < len(names):
-        names = [" #".join(map(str, value)) if isinstance(value, tuple) else value
-                 for value in ranks]
-    return ", ".join(f"rank {_rank_list(who)} {name}" for who, name in zip(ranks.values(), names))
-
-
 @atexit.register
 def _report_unfinished():
     """At exit: a rank that stepped and never called finish() leaves with its own model,
@@ -194,15 +106,10 @@ def _report_unfinished():
                   file=sys.stderr, flush=True)
 
 
-def _resolve_straggler(stragglers, rank, size):
-    if isinstance(stragglers, Straggler):
-        return stragglers
-    if stragglers is None:
-        return build_straggler("none", rank, size)
-    if isinstance(stragglers, dict):
-        params = {key: value for key, value in stragglers.items() if key != "name"}
-        return build_straggler(stragglers.get("name", "none"), rank, size, params)
-    return build_straggler(stragglers, rank, size)
+def _wrapped(name):
+    """A property that reads and sets the wrapped optimizer's attribute `name`."""
+    return property(lambda self: getattr(self.optimizer, name),
+                    lambda self, value: setattr(self.optimizer, name, value))
 
 
 class DecentralizedOptimizer(torch.optim.Optimizer):
@@ -243,69 +150,80 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
                  watchdog=300.0, checkpoints=None, checksum=False, overlap="auto",
                  on_iteration=None, handle_signals=True, on_rank_loss="abort"):
         world = world or current_world()
-        if world is None:
-            install_abort_hook()  # so that this error is one line and ends the job
-            raise UserError("aau_mpi.init() was not called: call ctx = aau_mpi.init() first, "
-                            "then build the model on ctx.device and the optimizer")
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            raise UserError(f"DecentralizedOptimizer wraps a torch.optim optimizer, got "
-                            f"{type(optimizer).__name__}: pass e.g. torch.optim.SGD(model."
-                            f"parameters(), lr=0.1)")
+        arguments.check_wrapped(world, optimizer)
         self.world, self.optimizer, self.model = world, optimizer, model
         self._init_torch_optimizer()
         self.original_rank = world.rank
-        self.on_rank_loss = self._rank_loss_mode(on_rank_loss, world)
+        self.on_rank_loss = arguments.rank_loss_mode(on_rank_loss, world)
         # The job's communicator (the survivors' after a lost rank), whose
         # errors return instead of aborting when lost ranks are survived.
-        self._base = world.comm.Dup()
+        base = world.comm.Dup()
         if self.on_rank_loss == "continue":
-            errors_return(self._base)
-        self.rank, self.size = self._base.Get_rank(), self._base.Get_size()
-        self._overlap = overlap
-        self._checksum, self._schedule, self._on_evaluation = checksum, schedule, on_evaluation
-        self.graph = _resolve_topology(topology, self.size)
-        self.policy = _resolve_policy(policy, self.graph, self.rank)
-        if self.on_rank_loss == "continue" and not hasattr(self.policy, "spec"):
+            errors_return(base)
+        rank, size = base.Get_rank(), base.Get_size()
+        self._schedule = schedule
+        graph = arguments.resolve_topology(topology, size)
+        policy = arguments.resolve_policy(policy, graph, rank)
+        if self.on_rank_loss == "continue" and not hasattr(policy, "spec"):
             raise UserError("on_rank_loss=continue rebuilds the policy for the survivors' graph: "
                             "pass policy= as a name or a dict, or build it with "
                             "aau_mpi.build_policy")
-        self.straggler = _resolve_straggler(stragglers, self.rank, self.size)
+        self.straggler = arguments.resolve_straggler(stragglers, rank, size)
         self.watchdog = watchdog if isinstance(watchdog, Watchdog) else Watchdog(watchdog)
         self.batch_size = int(batch_size)
         self.on_iteration = on_iteration
         self.checkpoints = checkpoints
         self.lost_ranks = []  # {"ranks": original ranks, "time": training seconds, ...} per loss
         self._surviving_depth = 0
-        self._originals = list(range(self.size))  # original rank of each current rank
-        self._abandoned = []  # a lost rank's windows and communicators, kept unfreed
+        self._abandoned = []  # the memberships that lost a rank, kept unfreed
 
         self.params = FlatParameters(model)
-        self._check_optimizer_covers_model()
-        self._check_agreement(self._base)
-        self._broadcast_initial_model()
+        arguments.check_covers_model(optimizer, self.params)
+        collectives.check_agreement(base, self.params, policy, graph, self.batch_size, checksum)
+        collectives.broadcast_initial_model(base, self.params)
         self.device = self.params.device
-        self.poll_cap = POLL_CAP * max(1.0, world.local_size / (2 * world.cores_per_node)) ** 2
+        self.poll_cap = collectives.poll_cap(world)
         self.k = 0
-        self._stepped = False  # load_state_dict is refused after the first step
         self.closed = False
-        self.last = None
+        self.last = None      # the last step's Iteration; None before the first step
         self._warned = set()  # the silent traps already reported (_warn_once)
-        if self.policy.uses_mailbox:
-            self._mix = torch.empty_like(self.params.shared)
-            self._incoming = torch.empty_like(self.params.shared)
-        else:
-            self._grads = torch.empty(self.params.gradient_numel, dtype=torch.float32,
-                                      device=self.device)
-            self._host_grads = (self._grads.numpy() if self.device.type == "cpu" else
-                                np.empty(self.params.gradient_numel, np.float32))
-        self._connect()
+        self._join(Membership(base, list(range(size)), world, policy, graph, self.params,
+                              overlap=overlap, checksum=checksum, schedule=schedule,
+                              on_evaluation=on_evaluation,
+                              on_thread_start=self._select_device,
+                              wait_all=self._wait_all))
         if handle_signals:
             self.events.handle_signals()
         if checkpoints is not None:
             checkpoints.attach(self)
-        self._deposit()
+        self.exchange.deposit(self.k)
         self._returned_at = self._now()
         _UNFINISHED.add(self)
+
+    def _join(self, membership):
+        """Train with these ranks: the watchdog on their communicator, the exchange over them."""
+        self.membership = membership
+        self.watchdog.bind(self.job_comm, self.rank)
+        if self.policy.uses_mailbox:
+            self.exchange = Gossip(self.policy, self.graph, self.rank, self.mailbox,
+                                   self.depositor, self.params, clock=self.world.clock,
+                                   now=self._now, serve=self._serve, watchdog=self.watchdog,
+                                   poll_cap=self.poll_cap)
+        else:
+            self.exchange = GradientAllreduce(self.comm, self.params, now=self._now,
+                                              wait_all=self._wait_all)
+
+    # Who takes part and how to reach them: the membership's, under the names
+    # users and the trainer read.
+    rank = property(lambda self: self.membership.rank)
+    size = property(lambda self: self.membership.size)
+    graph = property(lambda self: self.membership.graph)
+    policy = property(lambda self: self.membership.policy)
+    comm = property(lambda self: self.membership.comm)
+    job_comm = property(lambda self: self.membership.job_comm)
+    events = property(lambda self: self.membership.events)
+    mailbox = property(lambda self: self.membership.mailbox)
+    depositor = property(lambda self: self.membership.depositor)
 
     def _warn_once(self, trap, message):
         """One line on stderr, the first time this optimizer meets `trap`."""
@@ -318,97 +236,6 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
         and a thread that never sets it opens a context on GPU 0 (every rank's)."""
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-
-    def _rank_loss_mode(self, on_rank_loss, world):
-        checks.choice("on_rank_loss", on_rank_loss, ON_RANK_LOSS)
-        reason = unsupported_reason() if on_rank_loss == "continue" else None
-        if reason:
-            if world.rank == 0:
-                print(f"warning: {reason}", file=sys.stderr, flush=True)
-            return "abort"
-        return on_rank_loss
-
-    def _connect(self, events_state=None):
-        """Collective over self._base: everything that depends on who takes part.
-
-        Private communicators (the user's own collectives, on `job_comm` or
-        the world's, can never be started in a different order from ours), the
-        mailbox on the graph, the communication thread, the job-wide events
-        (restarted from `events_state` after a lost rank), the metric
-        averages (numbered on from the posts before) and the loss detector.
-        """
-        base = self._base
-        self.comm, self._events_comm, self.job_comm = base.Dup(), base.Dup(), base.Dup()
-        previous_metrics = getattr(self, "_metrics", None)
-        self._metrics = MetricAverages(base.Dup(),
-                                       previous_metrics.posted if previous_metrics else 0)
-        self.watchdog.bind(self.job_comm, self.rank)
-        self.mailbox = self.depositor = None
-        if self.policy.uses_mailbox:
-            self.mailbox = Mailbox(self.comm, self.graph.in_neighbours(self.rank),
-                                   self.graph.out_neighbours(self.rank), self.params.shared_numel,
-                                   self.policy.slots_per_neighbour, self.world.clock,
-                                   self._checksum)
-            self.depositor = Depositor(self.mailbox,
-                                       use_thread(self._overlap, self.world, self.device),
-                                       on_start=self._select_device)
-            self._outgoing = DepositSource(self.params.shared, self.depositor.threaded)
-        previous = getattr(self, "events", None)
-        self.events = JobEvents(self.comm, self._schedule or Schedule(), self.world.clock,
-                                lockstep=not self.policy.uses_mailbox,
-                                on_evaluation=self._on_evaluation,
-                                barrier=lambda: self._wait_all(self._events_comm.Ibarrier(),
-                                                               "an evaluation"))
-        if previous is not None:
-            self.events.preempted = previous.preempted
-            self.events.restore(*events_state)
-        # Under ULFM a dead rank no longer ends the job by itself, and RMA never
-        # reports one: the detector sees it, for either mode.
-        self.detector = LossDetector(base) if ulfm_available() else None
-
-    # ---- set-up checks -------------------------------------------------------
-
-    def _check_optimizer_covers_model(self):
-        wrapped = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
-        if not wrapped <= {id(p) for p in self.params.params}:
-            raise UserError("the torch optimizer updates tensors that are not the model's "
-                            "parameters: build it from model.parameters() of the model you pass")
-
-    def _check_agreement(self, comm):
-        """Collective, one allgather: every rank must train the same architecture, with
-        the same parameters frozen (the mailbox holds what each rank trains), and
-        the same settings. A rank with another policy reads misaligned slots, one
-        with another topology deposits where nobody reads, and neither ends before
-        the watchdog does: refuse at once, naming the first setting that differs."""
-        shapes = tuple((tuple(p.shape), p.requires_grad) for p in self.params.params)
-        graph = self.graph
-        mine = {"model": (self.params.numel, self.params.shared_numel, hash(shapes)),
-                "policy": _describe_policy(self.policy),
-                "mailbox slots per neighbour": self.policy.slots_per_neighbour,
-                # (name, digest of the edges): O(1) per rank, where the mailbox's own
-                # check gathers neighbour lists
-                "topology": (graph.name, zlib.crc32(repr((graph.directed, graph.edges)).encode())),
-                "batch size": self.batch_size,
-                "checksum": bool(self._checksum)}
-        everyone = comm.allgather(mine)
-        models = {theirs["model"] for theirs in everyone}
-        if len(models) > 1:
-            numels = sorted({(n, shared) for n, shared, _ in models})
-            raise UserError(f"ranks built different models ({len(models)} kinds; "
-                            f"(values, communicated values) {numels}): build the same model, "
-                            f"with the same parameters frozen, on every rank")
-        for setting in mine:
-            values = [theirs[setting] for theirs in everyone]
-            if len(set(values)) > 1:
-                raise UserError(f"ranks disagree on {setting}: {_who_passes(values)}: "
-                                f"pass the same settings on every rank")
-
-    def _broadcast_initial_model(self):
-        """Spec section 3: x_0 identical on every rank (rank 0's)."""
-        host = self.params.host_copy()
-        self._base.Bcast(host, root=0)
-        if self.params.device.type != "cpu":
-            self.params.load_(host)
 
     # ---- the torch.optim.Optimizer face ------------------------------------
 
@@ -424,50 +251,22 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
 
     # One param_groups, state and defaults: the wrapped optimizer's, so that a
     # scheduler or GradScaler on either optimizer sets what the wrapped step uses.
-    @property
-    def param_groups(self):
-        return self.optimizer.param_groups
-
-    @param_groups.setter
-    def param_groups(self, groups):
-        self.optimizer.param_groups = groups
-
-    @property
-    def state(self):
-        return self.optimizer.state
-
-    @state.setter
-    def state(self, state):
-        self.optimizer.state = state
-
-    @property
-    def defaults(self):
-        return self.optimizer.defaults
-
-    @defaults.setter
-    def defaults(self, defaults):
-        self.optimizer.defaults = defaults
+    param_groups = _wrapped("param_groups")
+    state = _wrapped("state")
+    defaults = _wrapped("defaults")
 
     def zero_grad(self, set_to_none=True):
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
     def deposit_mode(self):
         """How deposits run here, in words (for the start-up line)."""
-        if self.depositor is None:
-            return "no deposits (gradient Allreduce)"
-        return ("deposits overlapped on a communication thread" if self.depositor.threaded
-                else "deposits inline (no MPI_THREAD_MULTIPLE, or overlap off)")
+        return self.exchange.describe()[0]
 
     def communicated(self):
         """What each deposit (or gradient Allreduce) carries, in words (for the start-up line)."""
-        params = self.params
-        if self.depositor is None:
-            sent = f"{params.trainable_numel:,} gradient values per Allreduce"
-        else:
-            sent = (f"{params.shared_numel:,} values ({4 * params.shared_numel / 2**20:.1f} MiB) "
-                    f"per deposit")
-        local = params.numel - params.shared_numel
-        return sent + (f", {local:,} frozen or non-persistent values kept local" if local else "")
+        local = self.params.numel - self.params.shared_numel
+        return self.exchange.describe()[1] + (
+            f", {local:,} frozen or non-persistent values kept local" if local else "")
 
     def __repr__(self):
         return (f"DecentralizedOptimizer({type(self.optimizer).__name__}, policy "
@@ -537,7 +336,6 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
         at the mixed model, as often as it needs; step() returns its loss.
         """
         self._check_open()
-        self._stepped = True
         if (closure is None and "no gradients" not in self._warned
                 and all(p.grad is None for group in self.param_groups for p in group["params"])):
             self._warn_once("no gradients", f"rank {self.rank}: step() found no gradients "
@@ -559,27 +357,14 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
         return result["loss"]
 
     def _update(self, record, closure, result):
-        """Wait for the policy, mix, take the local step, start the next deposit."""
-        k = self.k
-        record.iteration = k
-        waiting = self._now()
-        if self.mailbox:
-            selection = self._select(k)
-            record.wait_seconds = self._now() - waiting
-            mixing = self._now()
-            self._mix_selection(k, selection, record)
-            record.mix_seconds = self._now() - mixing
-            record.step_scale = self.policy.step_scale()
-        elif closure is None:
-            self._average_gradients()
-            record.wait_seconds = self._now() - waiting
-        else:
-            closure = self._averaging(closure)
+        """Exchange before the step, the local step, k += 1, deposit x_k."""
+        record.iteration = self.k
+        closure = self.exchange.before_step(self.k, record, closure)
         stepping = self._now()
         result["loss"] = self._local_step(record.step_scale, closure)
         record.step_seconds = self._now() - stepping
         self.k += 1
-        self._deposit(record=record)
+        self.exchange.deposit(self.k, record)
 
     def _after_update(self, record):
         """Count the samples (job-wide events), watch the neighbours, report, checkpoint."""
@@ -587,119 +372,15 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
         self.events.count(self.batch_size)
         record.control_seconds = self._now() - counting
         self.watchdog.reset()
-        self._check_for_loss()
-        self._metrics.progress()
-        if self.mailbox:
-            self._watch_silent_neighbours()
+        self.membership.check_for_loss()
+        self.membership.metrics.progress()
+        self.exchange.after_step()
         record.time = self._now()
         self.last = record
         if self.on_iteration is not None:
             self.on_iteration(record)
         if self.checkpoints is not None and not self.events.stopped and self.checkpoints.due():
             self.checkpoints.write()
-
-    def _select(self, k):
-        """Poll until the policy selects. Between polls the policy is asked again only
-        when a deposit landed (a version word moved), when its rule depends on the
-        clock, or every RESELECT_SECONDS: one version read per slot, not a header
-        snapshot and a decision, is what a waiting rank costs its node."""
-        backoff = Backoff(cap=self.poll_cap)
-        seen, asked = None, -float("inf")
-        while True:
-            versions = self.mailbox.versions()
-            now = self.world.clock()
-            if (seen is None or self.policy.time_dependent or now - asked >= RESELECT_SECONDS
-                    or (versions != seen).any()):
-                seen, asked = versions, now
-                selection = self.policy.select(self.mailbox.headers(), k, now)
-                if selection is not None:
-                    return selection
-            backoff.wait()
-            self._check_for_loss()
-            self.events.poll()
-            self.watchdog.waiting(None, self._inspect_neighbours, self.policy.synchronous)
-
-    def _inspect_neighbours(self):
-        headers = self.mailbox.headers()
-        report, stalled = neighbour_report(headers, self.policy.last_seq,
-                                           self.mailbox.in_neighbours, self.world.clock())
-        return report, stalled, lambda which: self.policy.skip(which, headers)
-
-    def _watch_silent_neighbours(self):
-        """For policies that never wait, the watchdog's only chance to see a stall."""
-        if self.watchdog.seconds is None or self.policy.waits:
-            return
-        headers = self.mailbox.headers()
-        silent = self.watchdog.observe(headers["seq"].sum(axis=1), self.policy.done(headers))
-        if silent:
-            report, _ = neighbour_report(headers, self.policy.last_seq,
-                                         self.mailbox.in_neighbours, self.world.clock())
-            self.watchdog.act(f"rank {self.rank} heard nothing for {self.watchdog.seconds:g} s "
-                              f"from some neighbours; {report}", silent,
-                              lambda which: self.policy.skip(which, headers), must_end=False)
-
-    def _mix_selection(self, k, selection, record):
-        flat, mix, incoming = self.params.shared, self._mix, self._incoming
-        with torch.no_grad():
-            torch.mul(flat, selection.self_weight, out=mix)
-            used = []
-            for (j, slot), weight in zip(selection.slots, selection.weights):
-                got = self.mailbox.read(j, slot, out=self._copier(weight, record))
-                if got is None:  # every copy overlapped a write: its weight stays with x
-                    mix.add_(flat, alpha=weight)
-                    continue
-                if self.device.type == "cpu":
-                    mix.add_(incoming)
-                else:
-                    mix.add_(incoming, alpha=weight)
-                used.append((j, slot, got[0]))
-                record.averaged.append(self.mailbox.in_neighbours[j])
-                record.staleness.append(int(k - got[0]["iteration"]))
-            flat.copy_(mix)
-        self.policy.mixed(used, k)
-
-    def _copier(self, weight, record):
-        """How a neighbour's payload leaves the window: scaled into the host buffer on
-        the CPU (one pass), copied to the device on a GPU (one host-to-device copy,
-        which returns once the source is read: the seqlock's second check follows)."""
-        incoming = self._incoming
-        if self.device.type == "cpu":
-            def copy(source):
-                torch.mul(torch.from_numpy(source), weight, out=incoming)
-                return incoming
-        else:
-            def copy(source):
-                started = time.perf_counter()
-                incoming.copy_(torch.from_numpy(source))
-                record.copy_seconds += time.perf_counter() - started
-                return incoming
-        return copy
-
-    def _average_gradients(self):
-        """The allreduce baseline: average the gradients of all ranks (watched)."""
-        self.params.gradients(self._grads)
-        if self.device.type != "cpu":
-            self._host_grads[:] = self._grads.cpu().numpy()
-        self._wait_all(self.comm.Iallreduce(MPI.IN_PLACE, self._host_grads),
-                       "the gradient Allreduce")
-        self._host_grads /= self.size
-        if self.device.type != "cpu":
-            self._grads.copy_(torch.from_numpy(self._host_grads))
-        self.params.set_gradients(self._grads)
-
-    def _averaging(self, closure):
-        """The allreduce baseline's closure: every evaluation averages all ranks'
-        gradients and losses, so the wrapped optimizer (LBFGS's line search and
-        stopping tests included) sees the same numbers, and evaluates as often,
-        on every rank: each evaluation is a collective."""
-        def averaged():
-            loss = closure()
-            self._average_gradients()
-            total = np.array([loss.item() if torch.is_tensor(loss) else float(loss)])
-            self._wait_all(self.comm.Iallreduce(MPI.IN_PLACE, total), "the loss Allreduce")
-            mean = float(total[0]) / self.size
-            return loss.new_tensor(mean) if torch.is_tensor(loss) else mean
-        return averaged
 
     def _local_step(self, scale, closure):
         """The wrapped optimizer's step at its lr times `scale`; returns what it returns
@@ -717,33 +398,12 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
             for group, rate in zip(self.optimizer.param_groups, rates):
                 group["lr"] = rate
 
-    def _deposit(self, done=False, record=None):
-        """Start depositing x_k (on the communication thread, unless done).
+    # ---- waiting -------------------------------------------------------------
 
-        The deposit in flight reads the previous snapshot: it finishes before
-        the next snapshot is taken (at most one in flight), and `record` gets
-        its times."""
-        if self.mailbox is None:
-            return
-        started = self._now()
-        self.depositor.wait()
-        if record is not None:
-            record.deposit_wait_seconds = self._now() - started
-            record.deposit_seconds = self.depositor.busy_seconds - self.depositor.before_seconds
-            record.copy_seconds += self.depositor.before_seconds
-        self.policy.deposited(self.world.clock())
-        deposit = dict(iteration=self.k, slot=self.policy.deposit_slot(self.k), done=done,
-                       targets=self.mailbox.out_neighbours if done
-                       else self.graph.active_out(self.rank, self.k))
-        snapshot = self._now()
-        payload, before = self._outgoing.take()
-        if record is not None:
-            record.copy_seconds += self._now() - snapshot
-        self.depositor.submit(before=before, payload=payload, **deposit)
-        if done:
-            self.depositor.wait()
-
-    # ---- waiting for every rank --------------------------------------------
+    def _serve(self):
+        """Between polls for neighbours: a lost rank, then the job-wide events."""
+        self.membership.check_for_loss()
+        self.events.poll()
 
     def _wait_all(self, request, what):
         """Complete a collective's request; the watchdog ends the job if a rank
@@ -753,7 +413,7 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
         self.watchdog.reset()
 
     def _waiting_in(self, what):
-        self._check_for_loss()
+        self.membership.check_for_loss()
         self.watchdog.waiting(what)
 
     def averaged(self):
@@ -786,17 +446,10 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
         rank's value posted as its same-numbered metric (each rank's k-th call
         pairs with the others' k-th), ready some steps after the last rank
         posted its own (`ready()`), and always after `finish()`. Not
-        collective in time: call it anywhere in the loop (aau_mpi.decentralized.metric_average).
+        collective in time: call it anywhere in the loop (decentralized/metric_average.py).
         """
         self._check_open()
-        return self._metrics.post(value)
-
-    def _average(self, comm, idle):
-        own = self.params.shared.detach().clone()
-        mine = own.cpu().numpy().astype(np.float64)
-        total = np.empty_like(mine)
-        wait_for(comm.Iallreduce(mine, total), idle, self.poll_cap)
-        return own, torch.from_numpy((total / self.size).astype(np.float32))
+        return self.membership.metrics.post(value)
 
     # ---- state ----------------------------------------------------------------
 
@@ -830,7 +483,7 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
         rank: it holds that rank's policy state (its neighbours) and sample count.
         torch's load-state-dict hooks run around it."""
         self._check_open()
-        if self._stepped:
+        if self.last is not None:
             raise UserError("load_state_dict() after step(): it is collective and ranks are "
                             "at different iterations: load the state on every rank before "
                             "the first step() (to resume, or use a Checkpointer)")
@@ -857,9 +510,7 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
             self.k = self.comm.allreduce(self.k, op=MPI.MAX)
         self.events.restore(int(state["own_samples"]), float(state["training_seconds"]),
                             int(state["evaluations"]))
-        self._deposit()       # x_k, so that neighbours mix the restored model
-        if self.depositor is not None:
-            self.depositor.wait()
+        self.exchange.deposit(self.k, wait=True)  # x_k: neighbours mix the restored model
         self.comm.Barrier()   # every restored deposit is in place before anyone steps
         self._returned_at = self._now()
         for hook in self._optimizer_load_state_dict_post_hooks.values():
@@ -877,107 +528,44 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
         integer buffers (BatchNorm's num_batches_tracked): the same model on
         every rank. When the average holds NaN or inf (some rank's model
         does), no checkpoint is written; every rank saves its own last model
-        (`_save_diverged`) and raises a UserError that says where.
+        (collectives.save_diverged) and raises a UserError that says where.
         """
         self._check_open()
         result = {}
 
+        def serve():
+            self._serve()
+            self.watchdog.waiting("the final average")
+
         def final():
-            if self.mailbox:
-                self._deposit(done=True)
-            result["own"], result["average"] = self._average(self.comm,
-                                                             self._serve_while_finishing)
-            self._metrics.complete()  # every rank is here: none posts any more
+            self.exchange.deposit(self.k, done=True)
+            result["own"], result["average"] = collectives.global_average(
+                self.comm, self.params, serve, self.poll_cap)
+            self.membership.metrics.complete()  # every rank is here: none posts any more
             # The average is finite only where every rank's model is.
             if not torch.isfinite(result["average"]).all():
-                result["diverged"] = self._save_diverged()
+                root = Path.cwd()
+                if self.checkpoints is not None:
+                    self.checkpoints.settle()
+                    root = self.checkpoints.root
+                result["diverged"] = collectives.save_diverged(
+                    self.comm, self.model, self.params, root, self.original_rank)
                 return
-            self._equal_counters(self.comm, self._serve_while_finishing)
+            collectives.equal_counters(self.comm, self.params, serve, self.poll_cap)
             if self.checkpoints is not None:
                 self.checkpoints.write(final=True)
         while not self._surviving(final):
             pass
         if "diverged" not in result:
             self.params.shared.copy_(result["average"])
-        if self.mailbox:
-            self.depositor.close()
-            self.mailbox.close()
-        self.events.close()
-        if self.detector is not None:
-            self.detector.close()
-        for comm in (self.comm, self._events_comm, self._metrics.comm):
-            comm.Free()
+        self.membership.close()
         self.closed = True
         _UNFINISHED.discard(self)
         if "diverged" in result:
             raise UserError(result["diverged"])
         return self.model
 
-    def _equal_counters(self, comm, idle):
-        """Collective: every integer buffer (BatchNorm's num_batches_tracked) takes the
-        largest count of any rank. They count steps, so they are not averaged,
-        but ranks take different numbers of steps and the final models must be
-        one model."""
-        counters = [owner._buffers[name] for owner, name in self.params.counters]
-        if not counters:
-            return
-        mine = np.concatenate([c.detach().cpu().numpy().astype(np.int64).ravel()
-                               for c in counters])
-        largest = np.empty_like(mine)
-        wait_for(comm.Iallreduce(mine, largest, op=MPI.MAX), idle, self.poll_cap)
-        offset = 0
-        for counter in counters:
-            counter.copy_(torch.from_numpy(largest[offset:offset + counter.numel()])
-                          .view_as(counter))
-            offset += counter.numel()
-
-    def _save_diverged(self):
-        """Collective, when the average holds NaN or inf: every rank saves its own last
-        model (its state_dict, torch.save) as rank-NNNNN.pt (its original rank) in
-        a new folder diverged-<time>-<random> of the checkpointer's folder, or of
-        the current one without a checkpointer; nothing there is overwritten.
-        Returns the error's line."""
-        base = self.checkpoints.root if self.checkpoints is not None else Path.cwd()
-        folder = None
-        if self.rank == 0:
-            try:
-                base.mkdir(parents=True, exist_ok=True)
-                folder = Path(tempfile.mkdtemp(
-                    prefix=f"diverged-{time.strftime('%Y%m%d-%H%M%S')}-", dir=base))
-            except OSError as error:
-                folder = " ".join(str(error).split())
-        folder = self.comm.bcast(folder, root=0)
-        problem = None
-        if isinstance(folder, Path):
-            try:
-                torch.save({name: value.detach().cpu()
-                            for name, value in self.model.state_dict().items()},
-                           folder / f"rank-{self.original_rank:05d}.pt")
-            except OSError as error:
-                problem = " ".join(str(error).split())
-        else:
-            problem = folder
-        finite = bool(torch.isfinite(self.params.shared).all())
-        reports = self.comm.allgather((self.original_rank, finite, problem))
-        bad = [rank for rank, finite, _ in reports if not finite]
-        problems = [f"rank {rank}: {problem}" for rank, _, problem in reports if problem]
-        saved = (f"each rank's last model is saved as {folder}/rank-NNNNN.pt "
-                 f"(model.load_state_dict(torch.load(path)))" if not problems else
-                 f"the ranks' last models could not be saved under {base} "
-                 f"({'; '.join(problems)})")
-        return (f"training diverged: rank(s) {bad} hold NaN or inf in their parameters, and so "
-                f"does their average: {saved}; lower the learning rate")
-
-    def _serve_while_finishing(self):
-        self._check_for_loss()
-        self.events.poll()
-        self.watchdog.waiting("the final average")
-
     # ---- a lost rank ---------------------------------------------------------
-
-    def _check_for_loss(self):
-        if self.detector is not None:
-            self.detector.check()
 
     def _surviving(self, action, *args):
         """Run `action`; True when it completed. When a rank of the job was lost
@@ -1008,56 +596,18 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
         return False
 
     def _recover(self):
-        """Collective among the survivors: agree on who is left, rebuild, go on.
-
-        Revoke what we communicate on (ranks blocked in a collective return),
-        shrink the job's communicator, and rebuild on it: the graph without the
-        lost ranks (aau_mpi.algorithms.topology.without), the policy for it (its state
-        reset: it described the old neighbours), new windows (the old ones are
-        left, not freed: that would be collective with a dead member), the
-        job-wide events from what the survivors saw (the largest sample count,
-        training time and number of finished evaluations; an evaluation the
-        loss interrupted is skipped), and a deposit of every survivor's
-        current model. Synchronous policies go on from the largest iteration.
-        """
-        revoke(self.detector.comm, self.comm, self._events_comm, self.job_comm,
-               self._metrics.comm, self._base)
-        if self.depositor is not None:
-            self.depositor.close()
-        dropped = self._metrics.drop()
-        self._abandoned.append((self.mailbox, self.events, self.detector, self.comm,
-                                self._events_comm, self.job_comm, self._metrics.comm,
-                                dropped, self._base))
-        if dropped:
-            print(f"[rank {self.original_rank}] {len(dropped)} metric averages in flight "
-                  f"dropped (a rank was lost): their MetricAverage.dropped is True",
-                  file=sys.stderr, flush=True)
-        seen = (self.events.samples, self.events.training_seconds(), self.events.evaluations)
-        originals = self._originals
-        self._base, lost = shrink(self._base)
-        self._originals = [r for i, r in enumerate(originals) if i not in lost]
-        self.rank, self.size = self._base.Get_rank(), self._base.Get_size()
-        samples, seconds, evaluations = (self._base.allreduce(value, op=MPI.MAX)
-                                         for value in seen)
-        # What the lost ranks had counted: the job's count less the survivors' own.
-        theirs = max(0, samples - self._base.allreduce(self.events.own_samples))
-        self.graph = without(self.graph, lost)
-        self.policy = build_policy(*self.policy.spec[:1], self.graph, self.rank,
-                                   self.policy.spec[1])
+        """Collective among the survivors: agree on who is left, rebuild, go on
+        (membership.py says how); synchronous policies go on from the largest
+        iteration, and every survivor deposits its current model."""
+        self._abandoned.append(self.membership)
+        self._join(self.membership.survivors())
         if self.policy.synchronous:
-            self.k = self._base.allreduce(self.k, op=MPI.MAX)
-        self._connect(events_state=(self.events.own_samples, seconds, evaluations, samples))
-        lost = [originals[r] for r in lost]
-        self.lost_ranks.append({"ranks": lost, "time": round(seconds, 6), "samples": samples,
-                                "their_samples": theirs, "ranks_left": self.size})
+            self.k = self.comm.allreduce(self.k, op=MPI.MAX)
+        self.lost_ranks.append(self.membership.lost)
         if self.checkpoints is not None:
             self.checkpoints.reconnect()
-        if self.rank == 0:
-            print(f"[rank {self.original_rank}] ranks {lost} lost at {seconds:.1f} s of "
-                  f"training: going on with {self.size} ranks on {self.graph.name}",
-                  file=sys.stderr, flush=True)
         self.watchdog.reset()
-        self._deposit()
+        self.exchange.deposit(self.k)
 
 
 class _Averaged:
@@ -1072,8 +622,9 @@ class _Averaged:
         result = {}
 
         def average():
-            result["own"], result["average"] = opt._average(
-                opt._events_comm, lambda: opt._waiting_in("an average"))
+            result["own"], result["average"] = collectives.global_average(
+                opt.membership.events_comm, opt.params, lambda: opt._waiting_in("an average"),
+                opt.poll_cap)
         while not opt._surviving(average):
             pass
         self.own = result["own"]
@@ -1082,4 +633,3 @@ class _Averaged:
 
     def __exit__(self, *exc):
         self.opt.params.shared.copy_(self.own)
-        return False

@@ -1,0 +1,81 @@
+"""DecentralizedOptimizer's arguments, each resolved to the object it names, or refused.
+
+A name, a dict or an object for the topology, the policy and the straggler
+model; the loss mode this MPI can honour; the wrapped optimizer against the
+model. Every refusal is one UserError that says what to pass instead.
+"""
+
+import sys
+
+import torch
+
+from aau_mpi.algorithms.policies import Policy, build_policy
+from aau_mpi.algorithms.stragglers import Straggler, build_straggler
+from aau_mpi.algorithms.topology import Graph, load_topology
+from aau_mpi.base import checks
+from aau_mpi.base.errors import UserError
+from aau_mpi.base.settings import ON_RANK_LOSS
+from aau_mpi.comm.survivors import unsupported_reason
+from aau_mpi.comm.world import install_abort_hook
+
+
+def check_wrapped(world, optimizer):
+    """init() was called, and `optimizer` is a torch optimizer."""
+    if world is None:
+        install_abort_hook()  # so that this error is one line and ends the job
+        raise UserError("aau_mpi.init() was not called: call ctx = aau_mpi.init() first, "
+                        "then build the model on ctx.device and the optimizer")
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise UserError(f"DecentralizedOptimizer wraps a torch.optim optimizer, got "
+                        f"{type(optimizer).__name__}: pass e.g. torch.optim.SGD(model."
+                        f"parameters(), lr=0.1)")
+
+
+def check_covers_model(optimizer, params):
+    """The wrapped optimizer updates only the model's parameters."""
+    wrapped = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    if not wrapped <= {id(p) for p in params.params}:
+        raise UserError("the torch optimizer updates tensors that are not the model's "
+                        "parameters: build it from model.parameters() of the model you pass")
+
+
+def rank_loss_mode(on_rank_loss, world):
+    """on_rank_loss as this MPI can honour it: continue needs ULFM (else abort, said once)."""
+    checks.choice("on_rank_loss", on_rank_loss, ON_RANK_LOSS)
+    reason = unsupported_reason() if on_rank_loss == "continue" else None
+    if reason:
+        if world.rank == 0:
+            print(f"warning: {reason}", file=sys.stderr, flush=True)
+        return "abort"
+    return on_rank_loss
+
+
+def resolve_topology(topology, size):
+    if isinstance(topology, Graph):
+        if topology.n != size:
+            raise UserError(f"topology {topology.name} has {topology.n} nodes but the job has "
+                            f"{size} ranks: build it for {size} ranks")
+        return topology
+    return load_topology(topology, size)
+
+
+def resolve_policy(policy, graph, rank):
+    if isinstance(policy, Policy):
+        return policy
+    if isinstance(policy, dict):
+        params = {key: value for key, value in policy.items() if key != "name"}
+        return build_policy(policy.get("name", "aau"), graph, rank, params)
+    return build_policy(policy, graph, rank)
+
+
+def resolve_straggler(stragglers, rank, size):
+    if isinstance(stragglers, Straggler):
+        return stragglers
+    if stragglers is None:
+        return build_straggler("none", rank, size)
+    if isinstance(stragglers, dict):
+        params = {key: value for key, value in stragglers.items() if key != "name"}
+        return build_straggler(stragglers.get("name", "none"), rank, size, params)
+    return build_straggler(stragglers, rank, size)
+
+

@@ -1,0 +1,122 @@
+"""Who takes part in the job, and the means to reach them, built and closed together.
+
+A `Membership` is collective over `base` (the job's communicator, or the
+survivors' after a lost rank) and holds everything that depends on who takes
+part: private communicators (the user's own collectives, on `job_comm` or the
+world's, can never be started in a different order from ours), the mailbox
+on the graph and its communication thread (gossip policies only), the
+job-wide events, the metric averages and the loss detector.
+
+After a lost rank, `survivors()` revokes it (ranks blocked in a collective
+return), agrees on who is left and on what the job had counted, and builds
+the survivors' Membership: the graph without the lost ranks, the policy for
+it (its state reset: it described the old neighbours), new windows, the
+job-wide events restored from what the survivors saw (the largest sample
+count, training time and number of finished evaluations; an evaluation the
+loss interrupted is skipped). The old one is abandoned, not closed: freeing
+its windows and communicators would be collective with a dead member.
+"""
+
+import sys
+
+from mpi4py import MPI
+
+from aau_mpi.algorithms.policies import build_policy
+from aau_mpi.algorithms.schedule import Schedule
+from aau_mpi.algorithms.topology import without
+from aau_mpi.comm.depositor import Depositor, use_thread
+from aau_mpi.comm.mailbox import Mailbox
+from aau_mpi.comm.survivors import LossDetector, revoke, shrink, ulfm_available
+from aau_mpi.decentralized.events import JobEvents
+from aau_mpi.decentralized.metric_average import MetricAverages
+
+
+class Membership:
+    """Collective over `base`: the graph and this rank's policy on it, communicators,
+    mailbox, thread, events, metrics and loss detector.
+
+    originals: the original rank of each rank of `base`.
+    wait_all(request, what): how the events' evaluation barrier is waited for.
+    metrics_posted: the metric averages already posted (numbered on after a loss).
+    lost: the loss that made this membership ({"ranks": original ranks, ...}), or None.
+    """
+
+    def __init__(self, base, originals, world, policy, graph, params, *, overlap, checksum,
+                 schedule, on_evaluation, on_thread_start, wait_all, metrics_posted=0,
+                 lost=None):
+        self._settings = dict(world=world, params=params, overlap=overlap, checksum=checksum,
+                              schedule=schedule, on_evaluation=on_evaluation,
+                              on_thread_start=on_thread_start, wait_all=wait_all)
+        self.base, self.originals, self.policy, self.graph = base, originals, policy, graph
+        self.lost = lost
+        self.rank, self.size = base.Get_rank(), base.Get_size()
+        self.comm, self.events_comm, self.job_comm = base.Dup(), base.Dup(), base.Dup()
+        self.metrics = MetricAverages(base.Dup(), metrics_posted)
+        self.mailbox = self.depositor = None
+        if policy.uses_mailbox:
+            self.mailbox = Mailbox(self.comm, graph.in_neighbours(self.rank),
+                                   graph.out_neighbours(self.rank), params.shared_numel,
+                                   policy.slots_per_neighbour, world.clock, checksum)
+            self.depositor = Depositor(self.mailbox, use_thread(overlap, world, params.device),
+                                       on_start=on_thread_start)
+        self.events = JobEvents(self.comm, schedule or Schedule(), world.clock,
+                                lockstep=not policy.uses_mailbox, on_evaluation=on_evaluation,
+                                barrier=lambda: wait_all(self.events_comm.Ibarrier(),
+                                                         "an evaluation"))
+        # Under ULFM a dead rank no longer ends the job by itself, and RMA never
+        # reports one: the detector sees it, for either on_rank_loss mode.
+        self.detector = LossDetector(base) if ulfm_available() else None
+
+    def check_for_loss(self):
+        """Raise RankLost when the detector saw a rank of the job die."""
+        if self.detector is not None:
+            self.detector.check()
+
+    def close(self):
+        """Collective at the end of a job: the last deposit is done, every rank is here."""
+        if self.depositor is not None:
+            self.depositor.close()
+            self.mailbox.close()
+        self.events.close()
+        if self.detector is not None:
+            self.detector.close()
+        for comm in (self.comm, self.events_comm, self.metrics.comm):
+            comm.Free()
+
+    # ---- a lost rank ---------------------------------------------------------
+
+    def survivors(self):
+        """Collective among the survivors of a lost rank: their Membership (see the
+        module docstring); this one is revoked and left unfreed."""
+        revoke(self.detector.comm, self.comm, self.events_comm, self.job_comm,
+               self.metrics.comm, self.base)
+        if self.depositor is not None:
+            self.depositor.close()
+        dropped = self.metrics.drop()
+        if dropped:
+            print(f"[rank {self.originals[self.rank]}] {len(dropped)} metric averages in "
+                  f"flight dropped (a rank was lost): their MetricAverage.dropped is True",
+                  file=sys.stderr, flush=True)
+        events = self.events
+        seen = (events.samples, events.training_seconds(), events.evaluations)
+        base, lost = shrink(self.base)
+        samples, seconds, evaluations = (base.allreduce(value, op=MPI.MAX) for value in seen)
+        # What the lost ranks had counted: the job's count less the survivors' own.
+        theirs = max(0, samples - base.allreduce(events.own_samples))
+        graph = without(self.graph, lost)
+        name, params = self.policy.spec
+        policy = build_policy(name, graph, base.Get_rank(), params)
+        lost_originals = [self.originals[r] for r in lost]
+        survivors = Membership(
+            base, [r for i, r in enumerate(self.originals) if i not in lost], policy=policy,
+            graph=graph, metrics_posted=self.metrics.posted,
+            lost={"ranks": lost_originals, "time": round(seconds, 6), "samples": samples,
+                  "their_samples": theirs, "ranks_left": base.Get_size()},
+            **self._settings)
+        survivors.events.preempted = events.preempted
+        survivors.events.restore(events.own_samples, seconds, evaluations, samples)
+        if survivors.rank == 0:
+            print(f"[rank {survivors.originals[0]}] ranks {lost_originals} lost at "
+                  f"{seconds:.1f} s of training: going on with {survivors.size} ranks on "
+                  f"{graph.name}", file=sys.stderr, flush=True)
+        return survivors
