@@ -56,8 +56,9 @@ import torch.nn.functional as F
 import yaml
 from torch.func import functional_call, grad, vmap
 
-from aau_mpi.training.config import load_config
-from aau_mpi.training.datasets import load_dataset, partition, shard_loader
+from aau_mpi.training.config_loading import load_config
+from aau_mpi.training.datasets import load_dataset
+from aau_mpi.training.partitions import partition, shard_loader
 from aau_mpi.base.errors import UserError, section
 from aau_mpi.training.evaluation import loss_and_correct
 from aau_mpi.comm.header import header_dtype

@@ -32,8 +32,9 @@ from mpi4py import MPI
 
 from aau_mpi.decentralized import checkpoint
 from aau_mpi.decentralized.checkpointer import Checkpointer
-from aau_mpi.training.config import config_from_dict, load_config
-from aau_mpi.training.datasets import DATASETS, load_dataset, partition, shard_loader
+from aau_mpi.training.config_loading import config_from_dict, load_config
+from aau_mpi.training.datasets import DATASETS, load_dataset
+from aau_mpi.training.partitions import partition, shard_loader
 from aau_mpi.base.errors import UserError, section
 from aau_mpi.training.evaluation import evaluate_job, loss_and_correct
 from aau_mpi.training.models import build_model, save_model

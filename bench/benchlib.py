@@ -116,7 +116,7 @@ def train_run(world, config_path, overrides):
     The trainer's own summary table is silenced (the benchmark prints one line
     per run); the run folder is written as usual.
     """
-    from aau_mpi.training.config import load_config
+    from aau_mpi.training.config_loading import load_config
     from aau_mpi.train import Trainer
 
     config = load_config(config_path, list(overrides) + ["output.progress=false"])
@@ -199,7 +199,8 @@ def rank_accuracies(config, model, size):
     test set as that rank's own data would look; a two-class shard counts
     only its two classes)."""
     import torch
-    from aau_mpi.training.datasets import load_dataset, partition
+    from aau_mpi.training.datasets import load_dataset
+    from aau_mpi.training.partitions import partition
 
     key = json.dumps([config.data.name, config.data.params], sort_keys=True, default=str)
     if key not in _DATA:

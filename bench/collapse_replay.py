@@ -89,7 +89,7 @@ def instrument(opt, out, loss):
 
 
 def replay(args):
-    from aau_mpi.training.config import load_config
+    from aau_mpi.training.config_loading import load_config
     from aau_mpi.train import Trainer
     from aau_mpi.decentralized.device import init
 

@@ -35,8 +35,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 import benchlib
 from aau_mpi.training import evaluation
-from aau_mpi.training.config import load_config
-from aau_mpi.training.datasets import load_dataset, partition, shard_loader
+from aau_mpi.training.config_loading import load_config
+from aau_mpi.training.datasets import load_dataset
+from aau_mpi.training.partitions import partition, shard_loader
 from aau_mpi.training.models import build_model
 from aau_mpi.algorithms.stragglers import build_straggler, slow_down
 from stragglers import DDP_SETTING, PARTITIONS, straggler_section

@@ -62,7 +62,7 @@ def step_seconds(repeats):
     import torch
     import torch.nn.functional as F
 
-    from aau_mpi.training.config import load_config
+    from aau_mpi.training.config_loading import load_config
     from aau_mpi.training.datasets import load_dataset
     from aau_mpi.training.models import build_model
 

@@ -67,7 +67,7 @@ def simulate(task):
     """One simulation in this (pool) process; the benchmark's record of its run folder."""
     import torch
 
-    from aau_mpi.training.config import load_config
+    from aau_mpi.training.config_loading import load_config
     from aau_mpi.base.errors import UserError
     from aau_mpi.simulate import Simulator
 
@@ -91,7 +91,7 @@ def simulate(task):
 
 def recorded(task):
     """A finished (or diverged) simulation's record, read back from its run folder."""
-    from aau_mpi.training.config import load_config
+    from aau_mpi.training.config_loading import load_config
 
     config = load_config(task["config"], [*task["overrides"], "output.progress=false"])
     state = benchlib.run_state(benchlib.run_folder(config))
@@ -248,7 +248,7 @@ def projection_tasks(args, real, step, runs_dir):
 
 
 def real_batch(real):
-    from aau_mpi.training.config import load_config
+    from aau_mpi.training.config_loading import load_config
 
     return load_config(config_path(real["plan"])).data.batch_size
 
@@ -257,7 +257,7 @@ def measured_step(real):
     """One step of the job's model and batch here, one thread, nothing else running."""
     import torch
 
-    from aau_mpi.training.config import load_config
+    from aau_mpi.training.config_loading import load_config
     from aau_mpi.training.datasets import load_dataset
     from aau_mpi.training.models import build_model
     from aau_mpi.simulate import measure_step_seconds

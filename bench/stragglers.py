@@ -110,7 +110,7 @@ def best_rates(tuning):
 def worker(plan_path):
     """One rank of the MPI job: train every run of the plan."""
     from aau_mpi.checkpoint import load_model
-    from aau_mpi.training.config import load_config
+    from aau_mpi.training.config_loading import load_config
     from aau_mpi.decentralized.device import init
 
     plan = json.loads(Path(plan_path).read_text())
@@ -273,7 +273,7 @@ def throughput_checks(rows, plan):
 
     Synchronous dpsgd runs every rank at the straggler's pace (N / slowdown).
     """
-    from aau_mpi.training.config import load_config
+    from aau_mpi.training.config_loading import load_config
     from aau_mpi.algorithms.topology import load_topology
 
     config = load_config(plan["config"], plan["overrides"])

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import aau_mpi
-from aau_mpi.training.datasets import load_dataset, partition
+from aau_mpi.training.datasets import load_dataset
+from aau_mpi.training.partitions import partition
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--steps", type=int, default=300, help="iterations per rank")

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import aau_mpi
-from aau_mpi.training.datasets import load_dataset, partition
+from aau_mpi.training.datasets import load_dataset
+from aau_mpi.training.partitions import partition
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--epochs", type=float, default=20, help="passes over the data, all ranks together")

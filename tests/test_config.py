@@ -8,7 +8,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from aau_mpi.training.config import (BudgetConfig, Component, Config, DataConfig, OptimConfig,
-                            TopologyConfig, config_from_dict, load_config)
+                                     TopologyConfig)
+from aau_mpi.training.config_loading import config_from_dict, load_config
 from aau_mpi.base.errors import UserError
 
 RING = str(Path(__file__).resolve().parents[1] / "topologies" / "ring.yaml")

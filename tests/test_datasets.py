@@ -14,8 +14,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aau_mpi.training.datasets import (DATASETS, PARTITIONS, Dataset, load_dataset, partition,
-                              shard_loader)
+from aau_mpi.training.datasets import DATASETS, Dataset, load_dataset
+from aau_mpi.training.partitions import PARTITIONS, partition, shard_loader
 from aau_mpi.base.errors import UserError
 
 

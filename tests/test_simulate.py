@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from aau_mpi.training.config import config_from_dict
-from aau_mpi.training.datasets import load_dataset, partition, shard_loader
+from aau_mpi.training.config_loading import config_from_dict
+from aau_mpi.training.datasets import load_dataset
+from aau_mpi.training.partitions import partition, shard_loader
 from aau_mpi.training.models import build_model
 from aau_mpi.algorithms.policies import POLICIES
 from aau_mpi.simulate import Simulator, cli, main

@@ -1,7 +1,7 @@
 """Allowed values of the settings whose components need MPI.
 
 Kept apart from those components (world, depositor, watchdog) so that
-reading a config (aau_mpi.training.config, the simulator) never imports mpi4py,
+reading a config (aau_mpi.training.config_loading, the simulator) never imports mpi4py,
 which would start MPI.
 """
 
