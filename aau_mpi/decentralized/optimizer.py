@@ -66,7 +66,8 @@ from aau_mpi.base.settings import ON_RANK_LOSS
 from aau_mpi.algorithms.stragglers import Straggler, build_straggler, slow_down
 from aau_mpi.comm.survivors import (LossDetector, RankLost, errors_return, is_rank_loss, revoke,
                                shrink, ulfm_available, unsupported_reason)
-from aau_mpi.algorithms.topology import Graph, load_topology, without
+from aau_mpi.algorithms.graphs import Graph, without
+from aau_mpi.algorithms.topology import load_topology
 from aau_mpi.decentralized.watchdog import Watchdog, neighbour_report
 from aau_mpi.comm.world import install_abort_hook
 from aau_mpi.decentralized.device import current_world
@@ -1012,7 +1013,7 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
 
         Revoke what we communicate on (ranks blocked in a collective return),
         shrink the job's communicator, and rebuild on it: the graph without the
-        lost ranks (aau_mpi.algorithms.topology.without), the policy for it (its state
+        lost ranks (aau_mpi.algorithms.graphs.without), the policy for it (its state
         reset: it described the old neighbours), new windows (the old ones are
         left, not freed: that would be collective with a dead member), the
         job-wide events from what the survivors saw (the largest sample count,

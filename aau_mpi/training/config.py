@@ -50,7 +50,7 @@ from aau_mpi.base.registry import Registry, closest
 from aau_mpi.algorithms.schedule import Schedule
 from aau_mpi.base.settings import DEVICES, ON_RANK_LOSS, OVERLAP_MODES, WATCHDOG_ACTIONS
 from aau_mpi.algorithms.stragglers import STRAGGLERS
-from aau_mpi.algorithms.topology import GENERATORS
+from aau_mpi.algorithms.graphs import GENERATORS
 
 
 
