@@ -13,7 +13,8 @@ only its own folder or those below it, and comm and algorithms never each other)
   algorithms     pure decisions: policies, stragglers, schedule, graphs, topology, learning_rate
   decentralized  DecentralizedOptimizer and what it composes (exchange, membership,
                  collectives, parameters, events, watchdog, device, checkpoints)
-  training       the trainer's components: config, datasets, models, evaluation, runlog
+  training       the trainer's components: config, datasets, models, evaluation, runlog,
+                 and the simulator's engine (simulation)
   commands       train, simulate, plot, doctor, topology (python -m aau_mpi.X), and
                  checkpoint (aau_mpi.checkpoint.load_model)
 """
