@@ -10,10 +10,11 @@ Layers, bottom to top, one folder each (docs/architecture.md; a module imports
 only its own folder or those below it, and comm and algorithms never each other):
   base           errors, checks, registries, allowed setting values
   comm           transport: world, header, mailbox (RMA windows), control, depositor, survivors
-  algorithms     pure decisions: policies, stragglers, schedule, topology, learning_rate
+  algorithms     pure decisions: policies, stragglers, schedule, graphs, topology, learning_rate
   decentralized  DecentralizedOptimizer and what it composes (exchange, membership,
                  collectives, parameters, events, watchdog, device, checkpoints)
-  training       the trainer's components: config, datasets, models, evaluation, runlog
+  training       the trainer's components: config, datasets, models, evaluation, runlog,
+                 and the simulator's engine (simulation)
   commands       train, simulate, plot, doctor, topology (python -m aau_mpi.X), and
                  checkpoint (aau_mpi.checkpoint.load_model)
 """
@@ -33,7 +34,7 @@ _EXPORTS = {
     "UserError": "base.errors",
     "Policy": "algorithms.policies", "Selection": "algorithms.policies",
     "POLICIES": "algorithms.policies", "build_policy": "algorithms.policies",
-    "Graph": "algorithms.topology", "generate": "algorithms.topology",
+    "Graph": "algorithms.graphs", "generate": "algorithms.graphs",
     "load_topology": "algorithms.topology",
     "build_straggler": "algorithms.stragglers",
 }

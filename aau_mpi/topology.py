@@ -3,7 +3,8 @@
     python -m aau_mpi.topology ring -n 8
     python -m aau_mpi.topology topologies/two_clusters_8.yaml -n 8 --png graph.png
 
-The graphs, their weights and the YAML format: aau_mpi/algorithms/topology.py.
+The graphs and their weights: aau_mpi/algorithms/graphs.py; the YAML format:
+aau_mpi/algorithms/topology.py.
 """
 
 import argparse
@@ -11,7 +12,8 @@ import sys
 
 import numpy as np
 
-from aau_mpi.algorithms.topology import MIXING_KINDS, load_topology
+from aau_mpi.algorithms.graphs import MIXING_KINDS
+from aau_mpi.algorithms.topology import load_topology
 from aau_mpi.base.errors import UserError
 
 

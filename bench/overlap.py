@@ -32,7 +32,7 @@ from torch import nn
 import benchlib
 
 import aau_mpi
-from aau_mpi.algorithms.topology import Graph
+from aau_mpi.algorithms.graphs import Graph
 
 # (label, hidden width, layers, batch): 784 inputs, 10 outputs.
 # Batches so small that compute and deposit are of one size on this machine's

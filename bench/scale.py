@@ -101,7 +101,7 @@ def train_old(world, topology, iterations, batch):
     from aau_mpi.engine import Engine
     from aau_mpi.training.models import FlatParameters, build_model
     from aau_mpi.algorithms.policies import build_policy
-    from aau_mpi.algorithms.topology import generate
+    from aau_mpi.algorithms.graphs import generate
 
     torch.manual_seed(world.rank)
     xs, ys = torch.randn(8 * batch, 1, 40), torch.randint(0, 10, (8 * batch,))

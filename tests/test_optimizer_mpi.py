@@ -23,7 +23,7 @@ import aau_mpi
 from aau_mpi.decentralized import checkpoint
 from aau_mpi.algorithms.schedule import Schedule
 from aau_mpi.algorithms.stragglers import Straggler
-from aau_mpi.algorithms.topology import Graph, generate
+from aau_mpi.algorithms.graphs import Graph, generate
 from user_models import CONTEXT, VOCAB, WIDTH, FineTuned
 
 comm = MPI.COMM_WORLD

@@ -5,7 +5,7 @@ import pytest
 from aau_mpi.base.errors import UserError
 from aau_mpi.comm.header import empty_headers
 from aau_mpi.algorithms.policies import build_policy
-from aau_mpi.algorithms.topology import Graph, generate
+from aau_mpi.algorithms.graphs import Graph, generate
 
 RING = generate("ring", 4)          # rank 0 reads from ranks 1 and 3
 STAR = generate("star", 5)          # rank 0 (the hub) reads from ranks 1..4

@@ -11,7 +11,7 @@ import json
 import pytest
 
 from aau_mpi.decentralized import checkpoint
-from aau_mpi.algorithms.topology import generate
+from aau_mpi.algorithms.graphs import generate
 
 from launcher import launch, launcher_required, read_lines
 

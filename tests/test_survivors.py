@@ -19,7 +19,7 @@ import pytest
 from mpi4py import MPI
 
 from aau_mpi.decentralized import checkpoint
-from aau_mpi.algorithms.topology import Graph, generate, without
+from aau_mpi.algorithms.graphs import Graph, generate, without
 
 from launcher import ENV, MLP, MPIEXEC, launch, launcher_required, rank_pids, read_lines, start
 from test_faults import wait_for

@@ -10,7 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aau_mpi.base.errors import UserError
-from aau_mpi.algorithms.topology import GENERATORS, Graph, generate, load_topology
+from aau_mpi.algorithms.graphs import GENERATORS, Graph, generate
+from aau_mpi.algorithms.topology import load_topology
 from aau_mpi.topology import main
 
 REPO = Path(__file__).resolve().parent.parent

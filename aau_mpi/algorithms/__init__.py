@@ -1,5 +1,5 @@
 """Pure decisions and maths: the policies that choose whom to wait for from
 header snapshots, straggler models, when to evaluate and stop (schedule), the
-graphs and their mixing weights (topology), and learning-rate schedules over
-global progress (learning_rate). No MPI and no torch: everything here is tested
-without a launcher."""
+graphs and their mixing weights (graphs), the topology file format (topology),
+and learning-rate schedules over global progress (learning_rate). No MPI and
+no torch: everything here is tested without a launcher."""

@@ -4,6 +4,7 @@ Each check returns the value converted (int, float, bool) or raises a one-line
 UserError that names the field, what it must be and what it got, e.g.
 "policy.tau must be an integer >= 1, got 0". Booleans are never numbers; an
 integral float (2.0) is an integer; NaN and infinity are never numbers.
+is_integer only answers, for callers that word their own error.
 """
 
 import math
@@ -28,6 +29,12 @@ def _bounds(minimum, maximum, above, below):
 def _in_range(value, minimum, maximum, above, below):
     return ((minimum is None or value >= minimum) and (maximum is None or value <= maximum)
             and (above is None or value > above) and (below is None or value < below))
+
+
+def is_integer(value):
+    """Whether value is an integer type and not a bool (YAML turns `true` into a bool,
+    and bool is an int subclass); unlike integer(), 2.0 is not one."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def number(field, value, minimum=None, maximum=None, *, above=None, below=None):

@@ -11,7 +11,8 @@ import torch
 
 from aau_mpi.algorithms.policies import Policy, build_policy
 from aau_mpi.algorithms.stragglers import Straggler, build_straggler
-from aau_mpi.algorithms.topology import Graph, load_topology
+from aau_mpi.algorithms.graphs import Graph
+from aau_mpi.algorithms.topology import load_topology
 from aau_mpi.base import checks
 from aau_mpi.base.errors import UserError
 from aau_mpi.base.settings import ON_RANK_LOSS

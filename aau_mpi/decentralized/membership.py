@@ -21,9 +21,9 @@ import sys
 
 from mpi4py import MPI
 
+from aau_mpi.algorithms.graphs import without
 from aau_mpi.algorithms.policies import build_policy
 from aau_mpi.algorithms.schedule import Schedule
-from aau_mpi.algorithms.topology import without
 from aau_mpi.comm.depositor import Depositor, use_thread
 from aau_mpi.comm.mailbox import Mailbox
 from aau_mpi.comm.survivors import LossDetector, revoke, shrink, ulfm_available

@@ -26,7 +26,7 @@ from aau_mpi.algorithms.learning_rate import SCHEDULES, LearningRate
 from aau_mpi.algorithms.policies import POLICIES
 from aau_mpi.algorithms.schedule import Schedule
 from aau_mpi.algorithms.stragglers import STRAGGLERS
-from aau_mpi.algorithms.topology import GENERATORS
+from aau_mpi.algorithms.graphs import GENERATORS
 from aau_mpi.base.registry import Registry
 from aau_mpi.training.datasets import DATASETS
 from aau_mpi.training.models import MODELS
