@@ -26,7 +26,7 @@ __version__ = "0.2.0"
 # never starts MPI or imports torch.
 _EXPORTS = {
     "init": "decentralized.device", "World": "comm.world",
-    "DecentralizedOptimizer": "decentralized.optimizer", "Iteration": "decentralized.optimizer",
+    "DecentralizedOptimizer": "decentralized.optimizer", "Iteration": "decentralized.exchange",
     "MetricAverage": "decentralized.metric_average",
     "ProgressLR": "decentralized.lr_scheduler",
     "Schedule": "algorithms.schedule", "Watchdog": "decentralized.watchdog",

@@ -38,11 +38,11 @@ INSTRUMENT_LOG = "instrument-rank-{:05d}.jsonl"
 
 
 def instrument(opt, out, loss):
-    """Wrap `opt`'s mix and local step (this instance only) to log the norms above;
-    `loss()` is the step's training loss."""
+    """Wrap `opt`'s mix (this instance only) and hook its wrapped optimizer's step to
+    log the norms above; `loss()` is the step's training loss."""
     import torch
 
-    mix_selection, local_step = opt.exchange._mix_selection, opt._local_step
+    mix_selection = opt.exchange._mix_selection
     state = {}
     relus = [m for m in opt.model.modules() if isinstance(m, torch.nn.ReLU)]
 
@@ -61,30 +61,35 @@ def instrument(opt, out, loss):
         state["mixed"] = opt.params.flat.detach().clone()
         state["mix_change"] = float(torch.linalg.vector_norm(state["mixed"] - before))
 
-    def logged_step(scale):
+    def before_step(optimizer, args, kwargs):
         grads = [p.grad for p in opt.params.params if p.grad is not None]
-        grad_norm = float(torch.linalg.vector_norm(torch.cat([g.flatten() for g in grads])))
-        local_step(scale)
+        state["grad_norm"] = float(torch.linalg.vector_norm(torch.cat([g.flatten()
+                                                                       for g in grads])))
+
+    def after_step(optimizer, args, kwargs):
         buffers = [s["momentum_buffer"] for s in opt.optimizer.state.values()
                    if s.get("momentum_buffer") is not None]
         momentum = (float(torch.linalg.vector_norm(torch.cat([b.flatten() for b in buffers])))
                     if buffers else 0.0)
         mixed = state.get("mixed", opt.params.flat)
         line = {"iteration": opt.k, "mix_change": state.get("mix_change", 0.0),
-                "x_norm": float(torch.linalg.vector_norm(mixed)), "grad_norm": grad_norm,
+                "x_norm": float(torch.linalg.vector_norm(mixed)), "grad_norm": state["grad_norm"],
                 "momentum": momentum,
                 "update": float(torch.linalg.vector_norm(opt.params.flat - mixed)),
-                "step_scale": scale, "active": state.pop("active", [])[-len(relus):]}
+                "active": state.pop("active", [])[-len(relus):]}
         state["line"] = line
 
     def logged_iteration(record, callback=opt.on_iteration):
         callback(record)
         line = state.pop("line", {})
         line.update(time=round(record.time, 4), loss=loss(), averaged=record.averaged,
+                    step_scale=record.step_scale,
                     staleness=record.staleness, lr=opt.param_groups[0]["lr"] * record.step_scale)
         out.write(json.dumps(line) + "\n")
 
-    opt.exchange._mix_selection, opt._local_step = logged_mix, logged_step
+    opt.exchange._mix_selection = logged_mix
+    opt.optimizer.register_step_pre_hook(before_step)
+    opt.optimizer.register_step_post_hook(after_step)
     opt.on_iteration = logged_iteration
 
 

@@ -33,5 +33,5 @@ def pytest_runtest_logreport(report):
 def pytest_configure(config):
     pytest_runtest_logreport.config = config
     config.addinivalue_line("markers", "soak: long runs of many ranks (SOAK_SECONDS sets the length)")
-    config.addinivalue_line("markers", "long: launcher tests of a minute or more that CI leaves "
-                                       "out to stay under 15 minutes; `make test-long` runs them")
+    config.addinivalue_line("markers", "long: tests of a minute or more; `make test` (CI) runs "
+                                       "them, `make test-fast` leaves them out")

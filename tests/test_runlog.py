@@ -3,7 +3,7 @@
 import io
 import json
 
-from aau_mpi.decentralized.optimizer import Iteration
+from aau_mpi.decentralized.exchange import Iteration
 from aau_mpi.training.runlog import Progress, RankLog, duration, summary_table
 from aau_mpi.algorithms.schedule import Schedule
 

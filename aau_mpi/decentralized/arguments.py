@@ -40,6 +40,20 @@ def check_covers_model(optimizer, params):
                         "parameters: build it from model.parameters() of the model you pass")
 
 
+def check_model_unchanged(params):
+    """Before each step: the model handed in still trains in place, as it was wrapped."""
+    if not params.views_intact():
+        raise UserError("the model's parameters were moved or replaced after the "
+                        "DecentralizedOptimizer was built (e.g. model.to() or "
+                        "load_state_dict(assign=True)): move the model to its device "
+                        "before wrapping it, and load weights with copy semantics")
+    if not params.frozen_unchanged():
+        raise UserError("a parameter that was frozen (requires_grad=False) when the "
+                        "DecentralizedOptimizer was built requires grad now: it would "
+                        "train on each rank without being averaged; call finish() and "
+                        "build a new DecentralizedOptimizer to change what is trained")
+
+
 def rank_loss_mode(on_rank_loss, world):
     """on_rank_loss as this MPI can honour it: continue needs ULFM (else abort, said once)."""
     checks.choice("on_rank_loss", on_rank_loss, ON_RANK_LOSS)
@@ -60,8 +74,12 @@ def resolve_topology(topology, size):
     return load_topology(topology, size)
 
 
-def resolve_policy(policy, graph, rank):
+def resolve_policy(policy, graph, rank, on_rank_loss):
     if isinstance(policy, Policy):
+        if on_rank_loss == "continue" and not hasattr(policy, "spec"):
+            raise UserError("on_rank_loss=continue rebuilds the policy for the survivors' graph: "
+                            "pass policy= as a name or a dict, or build it with "
+                            "aau_mpi.build_policy")
         return policy
     if isinstance(policy, dict):
         params = {key: value for key, value in policy.items() if key != "name"}

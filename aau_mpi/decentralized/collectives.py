@@ -117,6 +117,21 @@ def _who_passes(values):
     return ", ".join(f"rank {_rank_list(who)} {name}" for who, name in zip(ranks.values(), names))
 
 
+def check_own_state(comm, state):
+    """Collective: every rank loads its own state_dict (the same rank of a job of the
+    same size); one rank's state loaded everywhere holds that rank's policy state
+    (its neighbours) and sample count: refused on every rank."""
+    rank, size = comm.Get_rank(), comm.Get_size()
+    origin = (state.get("rank", rank), state.get("world_size", size))
+    foreign = comm.allreduce(int(origin != (rank, size)))
+    if foreign:
+        raise UserError(f"load_state_dict: {foreign} of {size} ranks got another "
+                        f"rank's state_dict() (one rank's state loaded on every rank?): "
+                        f"each rank loads its own, or a Checkpointer restores them; to "
+                        f"start every rank from one saved model, load it into the model "
+                        f"before wrapping it")
+
+
 def broadcast_initial_model(comm, params):
     """Spec section 3: x_0 identical on every rank (rank 0's)."""
     host = params.host_copy()
@@ -154,7 +169,7 @@ def equal_counters(comm, params, idle, cap):
         offset += counter.numel()
 
 
-def save_diverged(comm, model, params, base, original_rank):
+def save_diverged(comm, model, params, original_rank, base):
     """Collective, when the average holds NaN or inf: every rank saves its own last
     model (its state_dict, torch.save) as rank-NNNNN.pt (its original rank) in
     a new folder diverged-<time>-<random> of `base`; nothing there is
@@ -187,3 +202,30 @@ def save_diverged(comm, model, params, base, original_rank):
              f"({'; '.join(problems)})")
     return (f"training diverged: rank(s) {bad} hold NaN or inf in their parameters, and so "
             f"does their average: {saved}; lower the learning rate")
+
+
+class Averaged:
+    """`with opt.averaged() as averaged:` the model holds the global average x_bar, and
+    `averaged.own` this rank's x_i, put back at the end of the block.
+
+    run(action): the optimizer's survival (a lost rank: averaged again over the
+    survivors); average(): (own, average) by global_average, over the members now.
+    """
+
+    def __init__(self, run, params, average):
+        self.run, self.params, self.average = run, params, average
+        self.own = None
+
+    def __enter__(self):
+        result = {}
+
+        def average():
+            result["own"], result["average"] = self.average()
+        while not self.run(average):
+            pass
+        self.own = result["own"]
+        self.params.shared.copy_(result["average"])
+        return self
+
+    def __exit__(self, *exc):
+        self.params.shared.copy_(self.own)

@@ -12,12 +12,14 @@ neighbours' deposits, mix them into x, and deposit x for the out-neighbours
 (on the communication thread while the user's loop computes). `GradientAllreduce`
 (the synchronous baseline): average every rank's gradients before the local step.
 
-An exchange never reaches back into the optimizer: the clocks and what to do
+`Iteration` is the record of one step that both fill in (the trainer's
+per-iteration metrics). An exchange never reaches back into the optimizer: the clocks and what to do
 while waiting (`serve`: watch for a lost rank, serve job-wide events;
 `wait_all`: a collective's wait under the watchdog) are handed to it.
 """
 
 import time
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -31,6 +33,27 @@ from aau_mpi.decentralized.watchdog import neighbour_report
 # this often (a stalled neighbour skipped by the watchdog changes nothing
 # in the window).
 RESELECT_SECONDS = 0.01
+
+
+@dataclass
+class Iteration:
+    """What one step did: the policy's visible behaviour and the time split, per rank."""
+    iteration: int
+    started: float                # training clock when the step was called
+    compute_seconds: float        # since the previous step returned (the user's loop), + delay
+    wait_seconds: float           # waiting for the policy to select, or in the Allreduce
+    deposit_seconds: float        # the previous deposit, on the communication thread
+    deposit_wait_seconds: float   # this thread blocked on that deposit before the next
+    mix_seconds: float            # mixing, including its host-to-device copies
+    step_seconds: float           # the wrapped optimizer's step
+    delay: float = 0.0            # straggler sleep (part of compute_seconds)
+    copy_seconds: float = 0.0     # the deposit's snapshot of x, its device-to-host copy (on
+                                  # the communication thread) + the mix's host-to-device ones
+    control_seconds: float = 0.0  # counting the step's samples, job-wide events included
+    time: float = 0.0             # training clock at the end of the step
+    averaged: list = field(default_factory=list)   # ranks whose deposits were mixed
+    staleness: list = field(default_factory=list)  # k - their deposits' iterations
+    step_scale: float = 1.0
 
 
 class Gossip:

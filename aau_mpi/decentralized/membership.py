@@ -19,6 +19,7 @@ its windows and communicators would be collective with a dead member.
 
 import sys
 
+import torch
 from mpi4py import MPI
 
 from aau_mpi.algorithms.graphs import without
@@ -26,9 +27,19 @@ from aau_mpi.algorithms.policies import build_policy
 from aau_mpi.algorithms.schedule import Schedule
 from aau_mpi.comm.depositor import Depositor, use_thread
 from aau_mpi.comm.mailbox import Mailbox
-from aau_mpi.comm.survivors import LossDetector, revoke, shrink, ulfm_available
+from aau_mpi.comm.survivors import (LossDetector, RankLost, is_rank_loss, revoke, shrink,
+                                    ulfm_available)
+from aau_mpi.base.errors import UserError
+from aau_mpi.decentralized.collectives import wait_for
 from aau_mpi.decentralized.events import JobEvents
 from aau_mpi.decentralized.metric_average import MetricAverages
+
+
+def select_device(device):
+    """The communication thread's first call: CUDA's current device is per thread,
+    and a thread that never sets it opens a context on GPU 0 (every rank's)."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
 
 
 class Membership:
@@ -36,17 +47,18 @@ class Membership:
     mailbox, thread, events, metrics and loss detector.
 
     originals: the original rank of each rank of `base`.
-    wait_all(request, what): how the events' evaluation barrier is waited for.
+    watchdog, poll_cap: what watches this rank's waits; the longest sleep between polls.
     metrics_posted: the metric averages already posted (numbered on after a loss).
     lost: the loss that made this membership ({"ranks": original ranks, ...}), or None.
     """
 
     def __init__(self, base, originals, world, policy, graph, params, *, overlap, checksum,
-                 schedule, on_evaluation, on_thread_start, wait_all, metrics_posted=0,
-                 lost=None):
+                 schedule, on_evaluation, watchdog, poll_cap,
+                 metrics_posted=0, lost=None):
         self._settings = dict(world=world, params=params, overlap=overlap, checksum=checksum,
                               schedule=schedule, on_evaluation=on_evaluation,
-                              on_thread_start=on_thread_start, wait_all=wait_all)
+                              watchdog=watchdog, poll_cap=poll_cap)
+        self.watchdog, self.poll_cap = watchdog, poll_cap
         self.base, self.originals, self.policy, self.graph = base, originals, policy, graph
         self.lost = lost
         self.rank, self.size = base.Get_rank(), base.Get_size()
@@ -58,19 +70,37 @@ class Membership:
                                    graph.out_neighbours(self.rank), params.shared_numel,
                                    policy.slots_per_neighbour, world.clock, checksum)
             self.depositor = Depositor(self.mailbox, use_thread(overlap, world, params.device),
-                                       on_start=on_thread_start)
+                                       on_start=lambda: select_device(params.device))
         self.events = JobEvents(self.comm, schedule or Schedule(), world.clock,
                                 lockstep=not policy.uses_mailbox, on_evaluation=on_evaluation,
-                                barrier=lambda: wait_all(self.events_comm.Ibarrier(),
-                                                         "an evaluation"))
+                                barrier=lambda: self.wait_all(self.events_comm.Ibarrier(),
+                                                              "an evaluation"))
         # Under ULFM a dead rank no longer ends the job by itself, and RMA never
         # reports one: the detector sees it, for either on_rank_loss mode.
         self.detector = LossDetector(base) if ulfm_available() else None
+        watchdog.bind(self.job_comm, self.rank)
 
     def check_for_loss(self):
         """Raise RankLost when the detector saw a rank of the job die."""
         if self.detector is not None:
             self.detector.check()
+
+    def serve(self):
+        """Between polls for neighbours: a lost rank, then the job-wide events."""
+        self.check_for_loss()
+        self.events.poll()
+
+    def waiting_in(self, what):
+        """Between polls in a collective: a lost rank, then the watchdog."""
+        self.check_for_loss()
+        self.watchdog.waiting(what)
+
+    def wait_all(self, request, what):
+        """Complete a collective's request; the watchdog ends the job if a rank
+        never arrives (nobody can go on without it)."""
+        self.watchdog.reset()
+        wait_for(request, lambda: self.waiting_in(what), self.poll_cap)
+        self.watchdog.reset()
 
     def close(self):
         """Collective at the end of a job: the last deposit is done, every rank is here."""
@@ -120,3 +150,42 @@ class Membership:
                   f"{seconds:.1f} s of training: going on with {survivors.size} ranks on "
                   f"{graph.name}", file=sys.stderr, flush=True)
         return survivors
+
+
+class Survival:
+    """Runs the optimizer's actions so that a lost rank is data the step handles.
+
+    `run(action, *args)` is True when the action completed. When a rank of the
+    job was lost and the mode is continue, `recover()` rebuilds on the
+    survivors and False comes back: the caller decides whether to run its
+    action again; in mode abort the loss ends the job with one line.
+
+    Only the outermost run recovers: a loss inside an evaluation that a step
+    serves unwinds the whole step, on every rank alike, so that no rank
+    retries the evaluation while the others train on (the restored events
+    skip it: its evaluation point has passed).
+    """
+
+    def __init__(self, mode, recover):
+        self.mode, self.recover = mode, recover
+        self._depth = 0
+
+    def run(self, action, *args):
+        if self._depth:
+            action(*args)
+            return True
+        self._depth += 1
+        try:
+            action(*args)
+            return True
+        except Exception as error:  # noqa: BLE001 (only a lost rank is survived)
+            if not (isinstance(error, RankLost) or is_rank_loss(error)):
+                raise
+            if self.mode != "continue":
+                raise UserError("a rank of the job was lost: ending the job (faults."
+                                "on_rank_loss: continue keeps the survivors training, under "
+                                "mpirun --with-ft ulfm)") from None
+        finally:
+            self._depth -= 1
+        self.recover()
+        return False

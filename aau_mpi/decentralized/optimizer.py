@@ -11,43 +11,26 @@
 
 It wraps any torch optimizer (like torch.distributed's PostLocalSGDOptimizer
 or Horovod's DistributedOptimizer) and runs spec section 3 around its step:
-
-    deposit(x_k)  -- on a communication thread, while the user's loop
-                     computes the gradient at x_k (aau_mpi.comm.depositor)
-    step():  wait until the policy selects (serving job-wide events and the
-             watchdog meanwhile); x <- mix(x, neighbours' deposits); the
-             wrapped optimizer's step (lr times the policy's step scale);
-             k += 1; deposit(x_{k+1}) starts. With a closure (LBFGS) the
-             wrapped step evaluates it after the mix, at the mixed x;
-             allreduce averages each evaluation's gradients and loss.
-
+wait for the policy and mix the neighbours' deposits into x (or average the
+gradients, for allreduce), the wrapped optimizer's step, k += 1, deposit x.
 It is a torch.optim.Optimizer (torch's set-up ran: step, state-dict and
 global hooks fire) whose param_groups, state and defaults are the wrapped
-optimizer's. Settings that every rank must share are checked at
-construction, with the model, in one allgather.
+optimizer's.
 
-The model's parameters and floating buffers live in one flat tensor on the
-model's device (aau_mpi.decentralized.parameters): the mix and the step happen there.
-Only its communicated part (`params.shared`: the trainable parameters and
-the persistent floating buffers) is deposited, mixed and averaged; frozen
-parameters and non-persistent buffers (a causal mask) stay as they are. On
-a GPU, one device-to-host copy per deposit (asynchronous, on its own stream,
-into pinned memory) and one host-to-device copy per neighbour payload mixed;
-gradients never leave the device except for the allreduce baseline.
-
-It composes three objects (docs/architecture.md): an exchange chosen once
+It composes (docs/architecture.md walks one step through them): the flat
+parameters (parameters.py: only `params.shared`, the trainable parameters
+and persistent floating buffers, is communicated), an exchange chosen once
 (exchange.py: `Gossip` through the mailbox, or `GradientAllreduce`), a
-membership (membership.py: communicators, mailbox, thread, events, loss
-detector; rebuilt on the survivors after a lost rank) and collectives over
-the flat vector that never block a rank (collectives.py). This class keeps
-the torch face, the iteration, the state and `finish`; the trainer
+membership (membership.py: graph, policy, communicators, mailbox, thread,
+events, loss detector; rebuilt on the survivors after a lost rank) and
+collectives that never block a rank (collectives.py). This class keeps the
+torch face, the iteration, the state and `finish`; the trainer
 (aau_mpi.train) is one user of it.
 """
 
 import atexit
 import sys
 import weakref
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -56,39 +39,17 @@ from mpi4py import MPI
 from aau_mpi.algorithms.schedule import PREEMPTED
 from aau_mpi.algorithms.stragglers import slow_down
 from aau_mpi.base.errors import UserError
-from aau_mpi.comm.survivors import RankLost, errors_return, is_rank_loss
+from aau_mpi.comm.survivors import errors_return
 from aau_mpi.decentralized import arguments, collectives
-from aau_mpi.decentralized.collectives import wait_for
 from aau_mpi.decentralized.device import current_world
-from aau_mpi.decentralized.exchange import Gossip, GradientAllreduce
-from aau_mpi.decentralized.membership import Membership
+from aau_mpi.decentralized.exchange import Gossip, GradientAllreduce, Iteration
+from aau_mpi.decentralized.membership import Membership, Survival
 from aau_mpi.decentralized.parameters import LAYOUT, FlatParameters
 from aau_mpi.decentralized.watchdog import Watchdog
 
 # The optimizers of this process that finish() has not closed: one that took a
 # step and is still here at exit left its model unaveraged (_report_unfinished).
 _UNFINISHED = weakref.WeakSet()
-
-
-@dataclass
-class Iteration:
-    """What one step did: the policy's visible behaviour and the time split, per rank."""
-    iteration: int
-    started: float                # training clock when the step was called
-    compute_seconds: float        # since the previous step returned (the user's loop), + delay
-    wait_seconds: float           # waiting for the policy to select, or in the Allreduce
-    deposit_seconds: float        # the previous deposit, on the communication thread
-    deposit_wait_seconds: float   # this thread blocked on that deposit before the next
-    mix_seconds: float            # mixing, including its host-to-device copies
-    step_seconds: float           # the wrapped optimizer's step
-    delay: float = 0.0            # straggler sleep (part of compute_seconds)
-    copy_seconds: float = 0.0     # the deposit's snapshot of x, its device-to-host copy (on
-                                  # the communication thread) + the mix's host-to-device ones
-    control_seconds: float = 0.0  # counting the step's samples, job-wide events included
-    time: float = 0.0             # training clock at the end of the step
-    averaged: list = field(default_factory=list)   # ranks whose deposits were mixed
-    staleness: list = field(default_factory=list)  # k - their deposits' iterations
-    step_scale: float = 1.0
 
 
 @atexit.register
@@ -104,6 +65,23 @@ def _report_unfinished():
                   f"{opt.iteration} steps: its model is its own, never averaged with the "
                   f"other ranks': call model = opt.finish() after the loop, on every rank",
                   file=sys.stderr, flush=True)
+
+
+def scaled_step(optimizer, scale, closure):
+    """The wrapped optimizer's step at its lr times `scale` (the policy's step scale);
+    returns what it returns (the closure's loss). Steps that take no closure are
+    called without one."""
+    step = optimizer.step if closure is None else lambda: optimizer.step(closure)
+    if scale == 1.0:
+        return step()
+    rates = [group["lr"] for group in optimizer.param_groups]
+    for group in optimizer.param_groups:
+        group["lr"] = group["lr"] * scale
+    try:
+        return step()
+    finally:
+        for group, rate in zip(optimizer.param_groups, rates):
+            group["lr"] = rate
 
 
 def _wrapped(name):
@@ -163,18 +141,14 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
         rank, size = base.Get_rank(), base.Get_size()
         self._schedule = schedule
         graph = arguments.resolve_topology(topology, size)
-        policy = arguments.resolve_policy(policy, graph, rank)
-        if self.on_rank_loss == "continue" and not hasattr(policy, "spec"):
-            raise UserError("on_rank_loss=continue rebuilds the policy for the survivors' graph: "
-                            "pass policy= as a name or a dict, or build it with "
-                            "aau_mpi.build_policy")
+        policy = arguments.resolve_policy(policy, graph, rank, self.on_rank_loss)
         self.straggler = arguments.resolve_straggler(stragglers, rank, size)
         self.watchdog = watchdog if isinstance(watchdog, Watchdog) else Watchdog(watchdog)
         self.batch_size = int(batch_size)
         self.on_iteration = on_iteration
         self.checkpoints = checkpoints
         self.lost_ranks = []  # {"ranks": original ranks, "time": training seconds, ...} per loss
-        self._surviving_depth = 0
+        self._survival = Survival(self.on_rank_loss, self._recover)
         self._abandoned = []  # the memberships that lost a rank, kept unfreed
 
         self.params = FlatParameters(model)
@@ -189,9 +163,8 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
         self._warned = set()  # the silent traps already reported (_warn_once)
         self._join(Membership(base, list(range(size)), world, policy, graph, self.params,
                               overlap=overlap, checksum=checksum, schedule=schedule,
-                              on_evaluation=on_evaluation,
-                              on_thread_start=self._select_device,
-                              wait_all=self._wait_all))
+                              on_evaluation=on_evaluation, watchdog=self.watchdog,
+                              poll_cap=self.poll_cap))
         if handle_signals:
             self.events.handle_signals()
         if checkpoints is not None:
@@ -203,15 +176,14 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
     def _join(self, membership):
         """Train with these ranks: the watchdog on their communicator, the exchange over them."""
         self.membership = membership
-        self.watchdog.bind(self.job_comm, self.rank)
         if self.policy.uses_mailbox:
             self.exchange = Gossip(self.policy, self.graph, self.rank, self.mailbox,
                                    self.depositor, self.params, clock=self.world.clock,
-                                   now=self._now, serve=self._serve, watchdog=self.watchdog,
+                                   now=self._now, serve=membership.serve, watchdog=self.watchdog,
                                    poll_cap=self.poll_cap)
         else:
             self.exchange = GradientAllreduce(self.comm, self.params, now=self._now,
-                                              wait_all=self._wait_all)
+                                              wait_all=membership.wait_all)
 
     # Who takes part and how to reach them: the membership's, under the names
     # users and the trainer read.
@@ -230,12 +202,6 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
         if trap not in self._warned:
             self._warned.add(trap)
             print(f"warning: {message}", file=sys.stderr, flush=True)
-
-    def _select_device(self):
-        """The communication thread's first call: CUDA's current device is per thread,
-        and a thread that never sets it opens a context on GPU 0 (every rank's)."""
-        if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
 
     # ---- the torch.optim.Optimizer face ------------------------------------
 
@@ -277,19 +243,12 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
     def _now(self):
         return self.events.training_seconds()
 
-    @property
-    def iteration(self):
-        return self.k
-
-    @property
-    def samples(self):
-        """Samples used by all ranks together, as this rank last saw them."""
-        return self.events.samples
-
-    @property
-    def schedule(self):
-        """The Schedule it was built with (None without one)."""
-        return self._schedule
+    iteration = property(lambda self: self.k)
+    samples = property(lambda self: self.events.samples,
+                       doc="Samples used by all ranks together, as this rank last saw them.")
+    schedule = property(lambda self: self._schedule,
+                        doc="The Schedule it was built with (None without one).")
+    preempted = property(lambda self: self.events.reason == PREEMPTED)
 
     def progress(self):
         """Fraction of the schedule's budget used (a learning-rate schedule's x axis)."""
@@ -308,26 +267,13 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
                             "yourself")
         return self.events.stopped
 
-    @property
-    def preempted(self):
-        return self.events.reason == PREEMPTED
-
     # ---- one step -----------------------------------------------------------
 
     def _check_open(self):
         if self.closed:
             raise UserError("the DecentralizedOptimizer is closed (finish() was called): "
                             "build a new one to train again")
-        if not self.params.views_intact():
-            raise UserError("the model's parameters were moved or replaced after the "
-                            "DecentralizedOptimizer was built (e.g. model.to() or "
-                            "load_state_dict(assign=True)): move the model to its device "
-                            "before wrapping it, and load weights with copy semantics")
-        if not self.params.frozen_unchanged():
-            raise UserError("a parameter that was frozen (requires_grad=False) when the "
-                            "DecentralizedOptimizer was built requires grad now: it would "
-                            "train on each rank without being averaged; call finish() and "
-                            "build a new DecentralizedOptimizer to change what is trained")
+        arguments.check_model_unchanged(self.params)
 
     def step(self, closure=None):
         """One iteration (spec section 3), after the user's backward pass.
@@ -350,9 +296,9 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
         # A lost rank found while waiting: the survivors rebuild, and this step
         # starts over on their graph (nothing of it was applied yet).
         result = {}
-        while not self._surviving(self._update, record, closure, result):
+        while not self._survival.run(self._update, record, closure, result):
             record.averaged, record.staleness = [], []
-        self._surviving(self._after_update, record)
+        self._survival.run(self._after_update, record)
         self._returned_at = self._now()
         return result["loss"]
 
@@ -361,7 +307,7 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
         record.iteration = self.k
         closure = self.exchange.before_step(self.k, record, closure)
         stepping = self._now()
-        result["loss"] = self._local_step(record.step_scale, closure)
+        result["loss"] = scaled_step(self.optimizer, record.step_scale, closure)
         record.step_seconds = self._now() - stepping
         self.k += 1
         self.exchange.deposit(self.k, record)
@@ -382,39 +328,7 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
         if self.checkpoints is not None and not self.events.stopped and self.checkpoints.due():
             self.checkpoints.write()
 
-    def _local_step(self, scale, closure):
-        """The wrapped optimizer's step at its lr times `scale`; returns what it returns
-        (the closure's loss). Steps that take no closure are called without one."""
-        step = (self.optimizer.step if closure is None
-                else lambda: self.optimizer.step(closure))
-        if scale == 1.0:
-            return step()
-        rates = [group["lr"] for group in self.optimizer.param_groups]
-        for group in self.optimizer.param_groups:
-            group["lr"] = group["lr"] * scale
-        try:
-            return step()
-        finally:
-            for group, rate in zip(self.optimizer.param_groups, rates):
-                group["lr"] = rate
-
-    # ---- waiting -------------------------------------------------------------
-
-    def _serve(self):
-        """Between polls for neighbours: a lost rank, then the job-wide events."""
-        self.membership.check_for_loss()
-        self.events.poll()
-
-    def _wait_all(self, request, what):
-        """Complete a collective's request; the watchdog ends the job if a rank
-        never arrives (nobody can go on without it)."""
-        self.watchdog.reset()
-        wait_for(request, lambda: self._waiting_in(what), self.poll_cap)
-        self.watchdog.reset()
-
-    def _waiting_in(self, what):
-        self.membership.check_for_loss()
-        self.watchdog.waiting(what)
+    # ---- collectives inside the loop ---------------------------------------------
 
     def averaged(self):
         """Collective context manager, inside on_evaluation only: the model holds the
@@ -437,7 +351,10 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
                             "it while ranks are at different iterations (a deadlock): call it "
                             "inside the on_evaluation callback, or average a metric with "
                             "opt.average_metric(value), which never blocks")
-        return _Averaged(self)
+        return collectives.Averaged(self._survival.run, self.params, lambda: (
+            collectives.global_average(self.membership.events_comm, self.params,
+                                       lambda: self.membership.waiting_in("an average"),
+                                       self.poll_cap)))
 
     def average_metric(self, value):
         """Average `value` (a number, array or tensor) over the ranks without blocking.
@@ -479,9 +396,7 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
     def load_state_dict(self, state):
         """Collective, before the first step: continue from `state_dict()` (this
         rank's, of the same job size, or one that `Checkpointer.restore_resized`
-        made from another job size's). Another rank's state is refused, on every
-        rank: it holds that rank's policy state (its neighbours) and sample count.
-        torch's load-state-dict hooks run around it."""
+        made from another job size's); another rank's state is refused. torch's load-state-dict hooks run around it."""
         self._check_open()
         if self.last is not None:
             raise UserError("load_state_dict() after step(): it is collective and ranks are "
@@ -490,14 +405,7 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
         for hook in self._optimizer_load_state_dict_pre_hooks.values():
             changed = hook(self, state)
             state = state if changed is None else changed
-        origin = (state.get("rank", self.rank), state.get("world_size", self.size))
-        foreign = self.comm.allreduce(int(origin != (self.rank, self.size)))
-        if foreign:
-            raise UserError(f"load_state_dict: {foreign} of {self.size} ranks got another "
-                            f"rank's state_dict() (one rank's state loaded on every rank?): "
-                            f"each rank loads its own, or a Checkpointer restores them; to "
-                            f"start every rank from one saved model, load it into the model "
-                            f"before wrapping it")
+        collectives.check_own_state(self.comm, state)
         # A state saved before the layout was recorded is of layout 1.
         self.params.load_(state["parameters"], state.get("parameters_layout", 1))
         self.optimizer.load_state_dict(state["optimizer"])
@@ -534,7 +442,7 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
         result = {}
 
         def serve():
-            self._serve()
+            self.membership.serve()
             self.watchdog.waiting("the final average")
 
         def final():
@@ -544,17 +452,16 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
             self.membership.metrics.complete()  # every rank is here: none posts any more
             # The average is finite only where every rank's model is.
             if not torch.isfinite(result["average"]).all():
-                root = Path.cwd()
                 if self.checkpoints is not None:
-                    self.checkpoints.settle()
-                    root = self.checkpoints.root
+                    self.checkpoints.settle()  # nothing may still be deleting there
                 result["diverged"] = collectives.save_diverged(
-                    self.comm, self.model, self.params, root, self.original_rank)
+                    self.comm, self.model, self.params, self.original_rank,
+                    self.checkpoints.root if self.checkpoints is not None else Path.cwd())
                 return
             collectives.equal_counters(self.comm, self.params, serve, self.poll_cap)
             if self.checkpoints is not None:
                 self.checkpoints.write(final=True)
-        while not self._surviving(final):
+        while not self._survival.run(final):
             pass
         if "diverged" not in result:
             self.params.shared.copy_(result["average"])
@@ -566,34 +473,6 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
         return self.model
 
     # ---- a lost rank ---------------------------------------------------------
-
-    def _surviving(self, action, *args):
-        """Run `action`; True when it completed. When a rank of the job was lost
-        (and on_rank_loss is continue), the survivors rebuild and False comes back:
-        the caller decides whether to run its action again.
-
-        Only the outermost call rebuilds: a loss inside an evaluation that a
-        step serves unwinds the whole step, on every rank alike, so that no
-        rank retries the evaluation while the others train on (the restored
-        events skip it: its evaluation point has passed)."""
-        if self._surviving_depth:
-            action(*args)
-            return True
-        self._surviving_depth += 1
-        try:
-            action(*args)
-            return True
-        except Exception as error:  # noqa: BLE001 (only a lost rank is survived)
-            if not (isinstance(error, RankLost) or is_rank_loss(error)):
-                raise
-            if self.on_rank_loss != "continue":
-                raise UserError("a rank of the job was lost: ending the job (faults."
-                                "on_rank_loss: continue keeps the survivors training, under "
-                                "mpirun --with-ft ulfm)") from None
-        finally:
-            self._surviving_depth -= 1
-        self._recover()
-        return False
 
     def _recover(self):
         """Collective among the survivors: agree on who is left, rebuild, go on
@@ -608,28 +487,3 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
             self.checkpoints.reconnect()
         self.watchdog.reset()
         self.exchange.deposit(self.k)
-
-
-class _Averaged:
-    """`with opt.averaged() as averaged:` the model holds x_bar; `averaged.own` is x_i."""
-
-    def __init__(self, opt):
-        self.opt = opt
-        self.own = None
-
-    def __enter__(self):
-        opt = self.opt
-        result = {}
-
-        def average():
-            result["own"], result["average"] = collectives.global_average(
-                opt.membership.events_comm, opt.params, lambda: opt._waiting_in("an average"),
-                opt.poll_cap)
-        while not opt._surviving(average):
-            pass
-        self.own = result["own"]
-        opt.params.shared.copy_(result["average"])
-        return self
-
-    def __exit__(self, *exc):
-        self.opt.params.shared.copy_(self.own)
