@@ -45,6 +45,7 @@ def assert_png(path):
 
 @needs_launchers
 @pytest.mark.long
+@pytest.mark.timeout(400)  # about 16 jobs of 4 ranks: 80-90 s here
 def test_stragglers_quick(tmp_path):
     out = tmp_path / "out"
     run_bench("stragglers.py", "--quick", "--runs", tmp_path / "runs", "--out", out,
