@@ -91,36 +91,14 @@ def _wrapped(name):
 
 
 class DecentralizedOptimizer(torch.optim.Optimizer):
-    """A torch optimizer that trains decentralized: see the module docstring and docs/api.md.
+    """A torch optimizer that trains decentralized, wrapping `optimizer` over `model` (the
+    rank's module, already on its device). Every argument, its default and what it
+    accepts: docs/api.md, `DecentralizedOptimizer(optimizer, model, **options)`, the
+    one list of them.
 
     Collective to build (every rank, same arguments), in `load_state_dict`
     (before the first step only), `averaged()` (inside on_evaluation only)
     and `finish()`; `step()` and `average_metric()` are not collective.
-
-    optimizer:   any torch.optim optimizer over `model`'s parameters.
-    model:       the rank's torch module, already on its device.
-    policy:      "aau" | "dpsgd" | "async" | "async_one" | "fixed_k" | "allreduce",
-                 a dict {"name": ..., **params}, or a Policy.
-    topology:    a generator name ("ring", "exponential_one_peer", ...), a dict,
-                 a topology YAML path, or a Graph for the job's size.
-    world:       from aau_mpi.init() (default: the one it made).
-    batch_size:  samples per step, counted against the schedule's sample budget.
-    schedule:    aau_mpi.Schedule(sample_budget=, time_budget=, eval_samples=,
-                 eval_seconds=): the global stop and evaluation points.
-    on_evaluation: called as on_evaluation(number) on every rank at each
-                 evaluation point, possibly from inside step() while waiting
-                 (the model in train mode); collectives inside must use
-                 `averaged()` or communicators other than the optimizer's own.
-    stragglers:  a straggler model (name, dict or Straggler): experiments only.
-    watchdog:    seconds of waiting before a stall is reported (None: off), or
-                 a Watchdog.
-    checkpoints: an aau_mpi.Checkpointer: HDF5 checkpoints of every rank.
-    checksum:    crc32 every deposit and verify every read (soak tests).
-    overlap:     "thread": deposit on a communication thread while the loop computes
-                 (needs MPI_THREAD_MULTIPLE, else inline); "inline"; "auto": a
-                 thread on GPU ranks and where the node has 2+ cores per rank.
-    on_iteration: called with each step's Iteration record (metrics).
-    handle_signals: SIGTERM / SIGUSR1 make should_stop() true on every rank.
     """
 
     def __init__(self, optimizer, model, *, policy="aau", topology="ring", world=None,
