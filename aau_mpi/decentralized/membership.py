@@ -122,7 +122,9 @@ class Membership:
                self.metrics.comm, self.base)
         if self.depositor is not None:
             self.depositor.close()
-        dropped = self.metrics.drop()
+        # Kept with this membership, which the optimizer keeps: the dropped averages'
+        # buffers must outlive their abandoned requests.
+        self.dropped = dropped = self.metrics.drop()
         if dropped:
             print(f"[rank {self.originals[self.rank]}] {len(dropped)} metric averages in "
                   f"flight dropped (a rank was lost): their MetricAverage.dropped is True",

@@ -127,7 +127,7 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
         self.checkpoints = checkpoints
         self.lost_ranks = []  # {"ranks": original ranks, "time": training seconds, ...} per loss
         self._survival = Survival(self.on_rank_loss, self._recover)
-        self._abandoned = []  # the memberships that lost a rank, kept unfreed
+        self._abandoned = []  # (membership, exchange) that lost a rank, kept unfreed
 
         self.params = FlatParameters(model)
         arguments.check_covers_model(optimizer, self.params)
@@ -456,7 +456,8 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
         """Collective among the survivors: agree on who is left, rebuild, go on
         (membership.py says how); synchronous policies go on from the largest
         iteration, and every survivor deposits its current model."""
-        self._abandoned.append(self.membership)
+        # Both kept: a revoked request may still reference their buffers.
+        self._abandoned.append((self.membership, self.exchange))
         self._join(self.membership.survivors())
         if self.policy.synchronous:
             self.k = self.comm.allreduce(self.k, op=MPI.MAX)
