@@ -4,6 +4,6 @@ The model file lives with the models (training/models.py); the checkpoints'
 HDF5 format with the optimizer (decentralized/checkpoint.py).
 """
 
-from aau_mpi.training.models import load_model, save_model
+from aau_mpi.training.models import load_model
 
-__all__ = ["load_model", "save_model"]
+__all__ = ["load_model"]
