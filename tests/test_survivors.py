@@ -66,7 +66,13 @@ def kill_after_first_evaluation(job, folder, timeout=120):
              and (folder / "eval.jsonl").read_text().count("\n") >= 1, job,
              what="the first evaluation")
     os.kill(rank_pids(job.pid)[VICTIM], signal.SIGKILL)
-    return job.communicate(timeout=timeout)  # a hang bound: the job must end
+    try:
+        return job.communicate(timeout=timeout)  # a hang bound: the job must end
+    except subprocess.TimeoutExpired:
+        job.kill()
+        err = job.communicate()[1]
+        pytest.fail(f"the job did not end within {timeout} s of the kill; its stderr ends:\n"
+                    f"{err[-6000:]}")
 
 
 def generations_verify(folder):
