@@ -20,6 +20,15 @@ def node_device(world):
     return torch.device("cpu")
 
 
+def select_device(device):
+    """Make `device` this thread's current CUDA device (a no-op on the CPU). The
+    current device is per thread: the main thread sets it in init(), the
+    communication thread first thing, else it opens a context on GPU 0 (every
+    rank's)."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+
+
 def set_torch_threads(world):
     """torch's threads: this rank's share of its node's cores (World.threads_per_rank)."""
     threads = world.threads_per_rank()
@@ -51,10 +60,9 @@ def init(comm=None, *, device="auto", abort_on_error=True):
                         "or device=cpu, or install a CUDA build of torch")
     else:
         chosen = node_device(world)
-    if chosen.type == "cuda":
-        # Anything that uses "the current device" (new tensors, NCCL, cuDNN
-        # handles) must land on this rank's GPU, not on GPU 0.
-        torch.cuda.set_device(chosen)
+    # Anything that uses "the current device" (new tensors, NCCL, cuDNN
+    # handles) must land on this rank's GPU, not on GPU 0.
+    select_device(chosen)
     _current = World(**{**world.__dict__, "device": chosen})
     return _current
 

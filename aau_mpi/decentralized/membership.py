@@ -19,7 +19,6 @@ its windows and communicators would be collective with a dead member.
 
 import sys
 
-import torch
 from mpi4py import MPI
 
 from aau_mpi.algorithms.graphs import without
@@ -31,15 +30,9 @@ from aau_mpi.comm.survivors import (LossDetector, RankLost, is_rank_loss, revoke
                                     ulfm_available)
 from aau_mpi.base.errors import UserError
 from aau_mpi.decentralized.collectives import wait_for
+from aau_mpi.decentralized.device import select_device
 from aau_mpi.decentralized.events import JobEvents
 from aau_mpi.decentralized.metric_average import MetricAverages
-
-
-def select_device(device):
-    """The communication thread's first call: CUDA's current device is per thread,
-    and a thread that never sets it opens a context on GPU 0 (every rank's)."""
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
 
 
 class Membership:
