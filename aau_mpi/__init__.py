@@ -10,7 +10,8 @@ Layers, bottom to top, one folder each (docs/architecture.md; a module imports
 only its own folder or those below it, and comm and algorithms never each other):
   base           errors, checks, registries, allowed setting values
   comm           transport: world, header, mailbox (RMA windows), control, depositor, survivors
-  algorithms     pure decisions: policies, stragglers, schedule, graphs, topology, learning_rate
+  algorithms     pure decisions: policies, stragglers, emulation, schedule, graphs, topology,
+                 learning_rate
   decentralized  DecentralizedOptimizer and what it composes (exchange, membership,
                  collectives, parameters, events, watchdog, device, checkpoints)
   training       the trainer's components: config, datasets, models, evaluation, runlog,
@@ -37,6 +38,7 @@ _EXPORTS = {
     "Graph": "algorithms.graphs", "generate": "algorithms.graphs",
     "load_topology": "algorithms.topology",
     "build_straggler": "algorithms.stragglers",
+    "EmulatedAccelerator": "algorithms.emulation",
 }
 __all__ = list(_EXPORTS)
 

@@ -151,11 +151,19 @@ class Trainer:
             checkpoints=self.checkpoints if config.checkpoint.enabled else None,
             checksum=config.mailbox.checksum, overlap=config.mailbox.overlap,
             on_rank_loss=config.faults.on_rank_loss,
-            on_iteration=self._log_iteration)
+            on_iteration=self._log_iteration, emulate=self._emulation())
         if manifest is not None:
             self._restore(manifest)
 
     # ---- set-up helpers ---------------------------------------------------
+
+    def _emulation(self):
+        """The emulate section as the optimizer takes it (None: real compute only)."""
+        emulate = self.config.emulate
+        if emulate.step_seconds is None:
+            return None
+        return {"step_seconds": emulate.step_seconds, "jitter": emulate.jitter,
+                "seed": self.config.seed}
 
     def _identity(self):
         """What a resumed run must share with the run it continues."""
@@ -270,6 +278,7 @@ class Trainer:
         """Train until the budget is used or a preemption signal; returns the exit code."""
         config, opt, model = self.config, self.opt, self.model
         progress = Progress(self.schedule, enabled=config.output.progress and self.rank == 0)
+        self._started = (time.perf_counter(), time.process_time())
         while not opt.should_stop():
             self.base_lr = self.lr(opt.progress())
             for group in opt.param_groups:
@@ -309,7 +318,9 @@ class Trainer:
         """Collective: average, checkpoint, evaluate, save; returns the exit code."""
         opt = self.opt
         seconds = opt.training_seconds() - opt.events.seconds_before
-        stats = {"iterations": opt.iteration,
+        wall, cpu = (now - then for now, then in zip((time.perf_counter(), time.process_time()),
+                                                     self._started))
+        stats = {"iterations": opt.iteration, "cpu_share": cpu / max(wall, 1e-9),
                  "mailbox": opt.mailbox.stats if opt.mailbox else {},
                  "control_round_trips": opt.events.control.round_trips,
                  **self.log.totals(seconds)}
@@ -335,9 +346,13 @@ class Trainer:
                        "neighbours": [r["neighbours"] for r in rows],
                        "wait_share": [r["wait_share"] for r in rows],
                        "sleep_share": [r["sleep_share"] for r in rows],
+                       # this rank's process CPU time over its wall-clock time in run()
+                       "cpu_share": [r["cpu_share"] for r in rows],
+                       "overrun_share": [r["overrun_share"] for r in rows],
                        "mailbox": [r["mailbox"] for r in rows],
                        "control_round_trips": [r["control_round_trips"] for r in rows],
                        "stragglers": self.straggler.describe(),
+                       "emulation": opt.emulator.describe() if opt.emulator else None,
                        "target_accuracy": self.config.eval.target_accuracy,
                        "time_to_target": self.time_to_target,
                        "exit": "preempted" if preempted else "finished"}

@@ -29,6 +29,7 @@ FULL = {
               "warmup": 0.05, "scale_lr": "sqrt", "reference_batch": 64, "clip_grad_norm": 5.0},
     "budget": {"samples": 100000, "seconds": 600.0},
     "stragglers": {"name": "fixed", "ranks": [1, 2], "slowdown": 3.0},
+    "emulate": {"step_seconds": 0.05, "jitter": 0.1},
     "eval": {"every_seconds": 5.0, "max_samples": 2000, "target_accuracy": 0.9},
     "checkpoint": {"enabled": False, "every_iterations": 100, "keep": 3},
     "watchdog": {"seconds": 30.0, "action": "warn"},

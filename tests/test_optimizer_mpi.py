@@ -83,10 +83,12 @@ class SleepingRank(Straggler):
 
 
 def train(policy, lr, slow_rank=None, slowdown=1.0, topology="ring", iterations=None,
-          sample_budget=None, overlap="auto", device="cpu", straggler=None, watchdog=None):
+          sample_budget=None, overlap="auto", device="cpu", straggler=None, watchdog=None,
+          emulate=None):
     """The user's loop on this rank's shard; returns (own x, averaged x, records).
     `straggler` replaces the SlowRank(slow_rank, slowdown) one; `watchdog`: seconds
-    of waiting after which the job ends (a deadlock fails fast), None: off."""
+    of waiting after which the job ends (a deadlock fails fast), None: off;
+    `emulate`: the emulated accelerator's arguments."""
     world = aau_mpi.init(device=device)
     a, b = (t.to(world.device) for t in shard(comm.rank))
     model = LeastSquares().to(world.device)
@@ -94,7 +96,7 @@ def train(policy, lr, slow_rank=None, slowdown=1.0, topology="ring", iterations=
     opt = aau_mpi.DecentralizedOptimizer(
         sgd, model, policy=policy, topology=topology, world=world, batch_size=1,
         schedule=Schedule(sample_budget=sample_budget), watchdog=watchdog, overlap=overlap,
-        stragglers=straggler or SlowRank(comm.rank, slow_rank, slowdown))
+        stragglers=straggler or SlowRank(comm.rank, slow_rank, slowdown), emulate=emulate)
     records = []
     while not opt.should_stop() and (iterations is None or opt.iteration < iterations):
         for group in opt.param_groups:
@@ -308,6 +310,28 @@ class WriteConstant(torch.optim.Optimizer):
         for group in self.param_groups:
             for p in group["params"]:
                 p.fill_(self.value())
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("policy", ["async", "allreduce"])
+def test_an_emulated_step_lasts_the_modelled_time_and_the_slow_ranks_four_times_it(policy):
+    """Each step's compute phase (the loop's real work plus the sleep) is the modelled
+    step, 4x on the straggler, unless the real work overran it; either way the
+    step's record says which."""
+    step = 0.01
+    straggler = aau_mpi.build_straggler("fixed", comm.rank, comm.size,
+                                        {"ranks": [1], "slowdown": 4.0})
+    _, _, records = train(policy, lambda k: 0.01, iterations=20, straggler=straggler,
+                          emulate={"step_seconds": step})
+    modelled = step * (4 if comm.rank == 1 else 1)
+    assert len(records) == 20
+    for record in records:
+        if record.overran:
+            assert record.delay == 0.0 and record.compute_seconds > modelled
+        else:
+            assert record.compute_seconds == pytest.approx(modelled)
+            assert record.delay > 0
+    assert not all(r.overran for r in records)
 
 
 @pytest.mark.mpi(min_size=2)

@@ -188,6 +188,26 @@ def test_divergence_stops_the_job_and_keeps_the_last_good_checkpoint(finished_ru
     assert np.isfinite(arrays["params"]).all()
 
 
+def test_an_emulated_accelerator_paces_every_step_and_reports_overruns_and_cpu(tmp_path):
+    result = launch(4, "--config", "jobs/demo.yaml", MLP, "budget.seconds=2",
+                    "eval.every_seconds=1", "output.progress=false", f"output.dir={tmp_path}",
+                    "name=emulated", "checkpoint.enabled=false", "emulate.step_seconds=0.02",
+                    "stragglers={name: fixed, ranks: [1], slowdown: 4}", timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "emulated accelerator: 0.02 s a step" in result.stdout
+    summary = json.loads((tmp_path / "emulated" / "summary.json").read_text())
+    assert summary["emulation"] == "emulated accelerator: 0.02 s a step"
+    assert all(0 <= share <= 1 for share in summary["overrun_share"])
+    assert all(share > 0 for share in summary["cpu_share"]) and len(summary["cpu_share"]) == 4
+    for rank, step in ((0, 0.02), (1, 0.08)):
+        records = read_lines(tmp_path / "emulated" / f"rank-{rank:05d}.jsonl")
+        paced = [r for r in records if not r["overran"]]
+        assert paced and all(r["compute"] == pytest.approx(step) for r in paced)
+        assert summary["overrun_share"][rank] == pytest.approx(1 - len(paced) / len(records))
+        # no step is shorter than the modelled one: the count is bounded by the time
+        assert len(records) <= summary["seconds"] / step + 1
+
+
 def test_clipping_the_gradient_norm_keeps_a_spike_from_killing_the_network(tmp_path):
     # At lr 3 with momentum 0.9 the first large gradients push every ReLU
     # below zero: the network's output is its last bias, at chance for good

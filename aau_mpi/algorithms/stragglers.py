@@ -10,8 +10,10 @@ Models (build with `build_straggler(name, rank, world_size, params)`):
   none      never delays.
   fixed     ranks=[1], slowdown=4.0: listed ranks sleep (slowdown-1) x step.
   random    probability=0.1, distribution="exponential"|"pareto", scale=0.01,
-            shape=2.0, seed=0, ranks=None (all): each step, with probability p,
-            an extra delay ~ Exp(mean=scale) or rng.pareto(shape) * scale. The
+            shape=2.0, seed=0, ranks=None (all), relative=False: each step,
+            with probability p, an extra delay ~ Exp(mean=scale) or
+            rng.pareto(shape) * scale, in seconds, or with relative=True in
+            steps (times the step's time: a transient scaled to the step). The
             RNG is seeded by (seed, rank), so each rank draws its own
             reproducible sequence (one draw sequence per call of `delay`).
   shifting  count=1, slowdown=4.0, period=10.0, seed=0: the slow set changes
@@ -84,18 +86,20 @@ class FixedStraggler(Straggler):
 
 
 class RandomStraggler(Straggler):
-    def __init__(self, rank, probability, distribution, scale, shape, seed, ranks):
+    def __init__(self, rank, probability, distribution, scale, shape, seed, ranks, relative):
         self.probability, self.distribution = probability, distribution
         self.scale, self.shape, self.seed, self.ranks = scale, shape, seed, ranks
+        self.relative = relative
         self.active = ranks is None or rank in ranks
         self.rng = np.random.default_rng([seed, rank])
 
     def delay(self, step_seconds, now):
         if not self.active or self.rng.random() >= self.probability:
             return 0.0
+        unit = step_seconds if self.relative else 1.0
         if self.distribution == "exponential":
-            return float(self.rng.exponential(self.scale))
-        return float(self.rng.pareto(self.shape) * self.scale)
+            return float(self.rng.exponential(self.scale)) * unit
+        return float(self.rng.pareto(self.shape) * self.scale) * unit
 
     def state_dict(self):
         return {"rng": self.rng.bit_generator.state}
@@ -105,8 +109,9 @@ class RandomStraggler(Straggler):
 
     def describe(self):
         who = "all ranks" if self.ranks is None else f"ranks {self.ranks}"
-        law = (f"exponential(mean={self.scale:g}s)" if self.distribution == "exponential"
-               else f"pareto(shape={self.shape:g}) x {self.scale:g}s")
+        unit = " steps" if self.relative else "s"
+        law = (f"exponential(mean={self.scale:g}{unit})" if self.distribution == "exponential"
+               else f"pareto(shape={self.shape:g}) x {self.scale:g}{unit}")
         return f"random: {who}, p={self.probability:g} per step, extra delay ~ {law}, seed {self.seed}"
 
 
@@ -153,14 +158,15 @@ def _fixed(rank, world_size, ranks=(1,), slowdown=4.0):
 
 @STRAGGLERS.register("random")
 def _random(rank, world_size, probability=0.1, distribution="exponential", scale=0.01,
-            shape=2.0, seed=0, ranks=None):
+            shape=2.0, seed=0, ranks=None, relative=False):
     probability = checks.number(_field("probability"), probability, 0, 1)
     checks.choice(_field("distribution"), distribution, DISTRIBUTIONS)
     return RandomStraggler(rank, probability, distribution,
                            checks.number(_field("scale"), scale, 0),
                            checks.number(_field("shape"), shape, above=0),
                            checks.integer(_field("seed"), seed, 0),
-                           None if ranks is None else _ranks(ranks, world_size))
+                           None if ranks is None else _ranks(ranks, world_size),
+                           checks.boolean(_field("relative"), relative))
 
 
 @STRAGGLERS.register("shifting")

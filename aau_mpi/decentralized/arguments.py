@@ -1,7 +1,7 @@
 """DecentralizedOptimizer's arguments, each resolved to the object it names, or refused.
 
 A name, a dict or an object for the topology, the policy and the straggler
-model; the loss mode this MPI can honour; the wrapped optimizer against the
+model; a dict or an object for the emulated accelerator; the loss mode this MPI can honour; the wrapped optimizer against the
 model. Every refusal is one UserError that says what to pass instead.
 """
 
@@ -10,6 +10,7 @@ import sys
 import torch
 
 from aau_mpi.algorithms.policies import Policy, build_policy
+from aau_mpi.algorithms.emulation import EmulatedAccelerator
 from aau_mpi.algorithms.stragglers import Straggler, build_straggler
 from aau_mpi.algorithms.graphs import Graph
 from aau_mpi.algorithms.topology import load_topology
@@ -85,6 +86,20 @@ def resolve_policy(policy, graph, rank, on_rank_loss):
         params = {key: value for key, value in policy.items() if key != "name"}
         return build_policy(policy.get("name", "aau"), graph, rank, params)
     return build_policy(policy, graph, rank)
+
+
+def resolve_emulation(emulate, rank):
+    """None (real compute), an EmulatedAccelerator, or a dict of its arguments."""
+    if emulate is None or isinstance(emulate, EmulatedAccelerator):
+        return emulate
+    if not isinstance(emulate, dict):
+        raise UserError(f"emulate must be a dict such as {{'step_seconds': 0.05}} or an "
+                        f"EmulatedAccelerator, got {type(emulate).__name__}")
+    unknown = sorted(set(emulate) - {"step_seconds", "jitter", "seed"})
+    if unknown or "step_seconds" not in emulate:
+        raise UserError(f"emulate takes step_seconds (required), jitter and seed, got "
+                        f"{sorted(emulate)}: e.g. {{'step_seconds': 0.05, 'jitter': 0.1}}")
+    return EmulatedAccelerator(rank=rank, **emulate)
 
 
 def resolve_straggler(stragglers, rank, size):

@@ -46,7 +46,8 @@ class Iteration:
     deposit_wait_seconds: float   # this thread blocked on that deposit before the next
     mix_seconds: float            # mixing, including its host-to-device copies
     step_seconds: float           # the wrapped optimizer's step
-    delay: float = 0.0            # straggler sleep (part of compute_seconds)
+    delay: float = 0.0            # straggler (or emulated accelerator) sleep, in compute_seconds
+    overran: bool = False         # the real work outlasted the emulated accelerator's step
     copy_seconds: float = 0.0     # the deposit's snapshot of x, its device-to-host copy (on
                                   # the communication thread) + the mix's host-to-device ones
     control_seconds: float = 0.0  # counting the step's samples, job-wide events included

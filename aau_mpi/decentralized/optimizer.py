@@ -104,7 +104,7 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
     def __init__(self, optimizer, model, *, policy="aau", topology="ring", world=None,
                  batch_size=1, schedule=None, on_evaluation=None, stragglers=None,
                  watchdog=300.0, checkpoints=None, checksum=False, overlap="auto",
-                 on_iteration=None, handle_signals=True, on_rank_loss="abort"):
+                 on_iteration=None, handle_signals=True, on_rank_loss="abort", emulate=None):
         world = world or current_world()
         arguments.check_wrapped(world, optimizer)
         self.world, self.optimizer, self.model = world, optimizer, model
@@ -121,6 +121,7 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
         graph = arguments.resolve_topology(topology, size)
         policy = arguments.resolve_policy(policy, graph, rank, self.on_rank_loss)
         self.straggler = arguments.resolve_straggler(stragglers, rank, size)
+        self.emulator = arguments.resolve_emulation(emulate, rank)
         self.watchdog = watchdog if isinstance(watchdog, Watchdog) else Watchdog(watchdog)
         self.batch_size = int(batch_size)
         self.on_iteration = on_iteration
@@ -267,10 +268,14 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
                             f"same: call loss.backward() before opt.step()")
         started = self._now()
         compute = started - self._returned_at
-        delay = slow_down(self.straggler, compute, started)
+        overran = False
+        if self.emulator is not None:
+            delay, overran = self.emulator.pace(compute, self.straggler, started)
+        else:
+            delay = slow_down(self.straggler, compute, started)
         self.policy.computed(compute + delay)
         record = Iteration(self.k, started, compute + delay, 0.0, 0.0, 0.0, 0.0, 0.0,
-                           delay=delay)
+                           delay=delay, overran=overran)
         # A lost rank found while waiting: the survivors rebuild, and this step
         # starts over on their graph (nothing of it was applied yet).
         result = {}
@@ -349,7 +354,8 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
     # ---- state ----------------------------------------------------------------
 
     def state_dict(self):
-        """This rank's state: the wrapped optimizer's, the policy's, the straggler's,
+        """This rank's state: the wrapped optimizer's, the policy's, the straggler's
+        (and the emulated accelerator's),
         the rank's model (flat parameters and buffers, all of them, and their
         layout: decentralized ranks hold different models), the progress
         counters, and which rank of how many saved it. torch's state-dict hooks
@@ -360,6 +366,7 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
                  "optimizer": self.optimizer.state_dict(),
                  "policy": self.policy.state_dict(),
                  "straggler": self.straggler.state_dict(),
+                 "emulator": self.emulator.state_dict() if self.emulator else None,
                  "parameters": self.params.flat.detach().clone(),
                  "parameters_layout": LAYOUT,
                  "iteration": self.k,
@@ -389,6 +396,8 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
         self.optimizer.load_state_dict(state["optimizer"])
         self.policy.load_state_dict(state["policy"])
         self.straggler.load_state_dict(state["straggler"])
+        if self.emulator is not None and state.get("emulator") is not None:
+            self.emulator.load_state_dict(state["emulator"])
         self.k = int(state["iteration"])
         if self.policy.synchronous:
             # Ranks checkpoint a step or so apart; a synchronous policy

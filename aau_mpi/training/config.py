@@ -10,6 +10,7 @@ registered component and write its parameters flat beside the name:
     data: {name: digits, batch_size: 32, partition: {name: dirichlet, alpha: 0.3}}
     optim: {lr: 0.05, schedule: {name: step, milestones: [0.5, 0.75]}}
     budget: {epochs: 10}                      # epochs, samples and/or seconds
+    emulate: {step_seconds: 0.05, jitter: 0.1}  # an emulated accelerator's step
 
 aau_mpi.training.config_loading reads a YAML file and command-line overrides
 into these sections and validates them. Config.to_dict() / to_yaml() give the
@@ -113,6 +114,15 @@ class EvalConfig:
 
 
 @dataclass
+class EmulateConfig:
+    """An emulated accelerator (aau_mpi/algorithms/emulation.py): each step's compute
+    phase lasts step_seconds (x 1 +- jitter, x the straggler's slowdown), sleeping
+    out what the real work leaves. step_seconds None: real compute only."""
+    step_seconds: float = None
+    jitter: float = 0.0
+
+
+@dataclass
 class CheckpointConfig:
     enabled: bool = True
     every_seconds: float = 300.0
@@ -161,6 +171,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     budget: BudgetConfig = field(default_factory=BudgetConfig)
     stragglers: Component = field(default_factory=lambda: Component(STRAGGLER.default))
+    emulate: EmulateConfig = field(default_factory=EmulateConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)

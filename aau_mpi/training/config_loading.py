@@ -36,7 +36,7 @@ from aau_mpi.base.registry import closest
 from aau_mpi.base.settings import DEVICES, ON_RANK_LOSS, OVERLAP_MODES, WATCHDOG_ACTIONS
 from aau_mpi.training.config import (DATASET, MODEL, PARTITION, POLICY, SCHEDULE, STRAGGLER,
                                      TOPOLOGY, BudgetConfig, CheckpointConfig, Component, Config,
-                                     DataConfig, EvalConfig, FaultsConfig, MailboxConfig,
+                                     DataConfig, EmulateConfig, EvalConfig, FaultsConfig, MailboxConfig,
                                      OptimConfig, OutputConfig, TopologyConfig, WatchdogConfig)
 
 
@@ -139,6 +139,8 @@ PLAIN_SECTIONS = {
                           "every_epochs": _optional("float", POSITIVE),
                           "max_samples": _optional("int", AT_LEAST_ONE),
                           "target_accuracy": _optional("float", UP_TO_ONE)}),
+    "emulate": (EmulateConfig, {"step_seconds": _optional("float", POSITIVE),
+                                "jitter": _Field("float", FRACTION)}),
     "checkpoint": (CheckpointConfig, {"enabled": _Field("bool"),
                                       "every_seconds": _optional("float", POSITIVE),
                                       "every_iterations": _optional("int", AT_LEAST_ONE),

@@ -42,7 +42,7 @@ class RankLog:
             self.trace = open(Path(folder) / TRACE.format(rank), "a", buffering=1 << 16)
             if self.trace.tell() == 0:
                 self.trace.write("[\n")
-        self.iterations = self.neighbours = 0
+        self.iterations = self.neighbours = self.overruns = 0
         self.wait = self.sleep = 0.0
         self._previous_end = None
 
@@ -52,13 +52,14 @@ class RankLog:
                 "deposit": record.deposit_seconds, "deposit_wait": record.deposit_wait_seconds,
                 "mix": record.mix_seconds, "step": record.step_seconds,
                 "copy": record.copy_seconds, "control": record.control_seconds,
-                "delay": record.delay, "averaged": record.averaged,
+                "delay": record.delay, "overran": record.overran, "averaged": record.averaged,
                 "staleness": record.staleness, "step_scale": record.step_scale, **extra}
         self.lines.write(json.dumps(line) + "\n")
         self.iterations += 1
         self.neighbours += len(record.averaged)
         self.wait += record.wait_seconds
         self.sleep += record.delay
+        self.overruns += record.overran
         if self.trace:
             start = record.started - record.compute_seconds
             for name, seconds in (("compute", record.compute_seconds),
@@ -82,7 +83,8 @@ class RankLog:
         """Per-rank summary figures over this job's `seconds` of training."""
         return {"neighbours": self.neighbours / max(self.iterations, 1),
                 "wait_share": self.wait / max(seconds, 1e-9),
-                "sleep_share": self.sleep / max(seconds, 1e-9)}
+                "sleep_share": self.sleep / max(seconds, 1e-9),
+                "overrun_share": self.overruns / max(self.iterations, 1)}
 
     def flush(self):
         self.lines.flush()
@@ -175,7 +177,10 @@ def summary_table(summary):
         head += (f"; accuracy {summary['target_accuracy']:g} reached at "
                  f"{reached:.1f} s" if reached is not None else
                  f"; accuracy {summary['target_accuracy']:g} not reached")
-    rows = [f"stragglers: {summary['stragglers']}",
+    emulation = summary.get("emulation")
+    rows = [f"stragglers: {summary['stragglers']}" + (
+                f"; {emulation}, {max(summary['overrun_share']):.1%} of steps overran at most, "
+                f"CPU {sum(summary['cpu_share']):.2f} cores" if emulation else ""),
             f"{'rank':>5} {'iterations':>11} {'neighbours':>11} {'wait share':>11} "
             f"{'sleep share':>12}"]
     for rank, (its, nbrs, wait, sleep) in enumerate(zip(
