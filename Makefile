@@ -6,7 +6,8 @@
 #   make test MPI=mpich   the same against the MPICH wheel (in .venv-mpich)
 #   make test-fast     the tests of seconds only (not those marked `long`), while you work
 #   make bench         the benchmarks in bench/ (numbers land in bench/results/)
-#   make bench-stragglers   the straggler benchmark and the simulator's check (~110 min)
+#   make bench-emulated     every policy and DDP on an emulated accelerator, 8, 16, 32 ranks
+#   make bench-stragglers   the earlier 4-rank benchmark and the simulator's check (~110 min)
 #   make soak          the 16-rank soak test at full length (10 min)
 #
 # The quick path pins the CPU build of torch that this machine holds on disk;
@@ -89,10 +90,17 @@ test-slurm: setup
 	AAU_SLURM_TESTS=1 timeout -k 10 1800 $(PY) -m pytest -q --color=no -rs --durations=5 \
 		-p no:cacheprovider --timeout=900 tests/test_slurm.py
 
-bench: setup bench-stragglers
+bench: setup bench-emulated bench-stragglers
 	$(PY) bench/scaling.py
 	$(MPIEXEC) -n 2 $(PY) bench/policy_cost.py
 	$(MPIEXEC) -n 2 $(PY) bench/mailbox_bandwidth.py
+
+# Every policy and DDP on an emulated accelerator, one job per rank count
+# (docs/benchmarks.md; about 50 min each here). Run on a quiet machine: a run
+# with over 5 % of its steps overrun is trained again, then refused.
+EMULATED_RANKS := 8 16 32
+bench-emulated: setup
+	for n in $(EMULATED_RANKS); do $(PY) bench/emulated.py --ranks $$n || exit 1; done
 
 # Every policy and DDP under stragglers on MNIST-1D (4 ranks, then the 8-rank
 # cell at the 4-rank rates), the simulator against both, and its projection to

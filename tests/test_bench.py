@@ -18,7 +18,9 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))
 
-import simulation  # noqa: E402  (bench/ is not a package)
+import emulated  # noqa: E402  (bench/ is not a package)
+import emulated_report  # noqa: E402
+import simulation  # noqa: E402
 import stragglers  # noqa: E402
 from aau_mpi.algorithms.topology import load_topology  # noqa: E402
 from launcher import ENV  # noqa: E402
@@ -95,6 +97,104 @@ def test_stragglers_quick(tmp_path):
     # The run folders stay for inspection.
     assert (tmp_path / "runs" / "run-two_classes-fixed4-aau-seed0-lr{:g}".format(
         result["best_lr"]["two_classes"]["aau"]) / "model.h5").is_file()
+
+
+@needs_launchers
+@pytest.mark.long
+@pytest.mark.timeout(300)  # about 20 runs in one job of 4 ranks: 75 s here
+def test_emulated_quick(tmp_path):
+    out = tmp_path / "out"
+    run_bench("emulated.py", "--quick", "--ranks", 4, "--runs", tmp_path / "runs", "--out", out,
+              timeout=280)
+    result = json.loads((out / "n4.json").read_text())
+    plan = result["plan"]
+    assert plan["quick"] and plan["step_seconds"] == 4 * 0.003125 and plan["seeds"] == [0]
+    policies = list(emulated.POLICIES)
+    assert set(result["best_lr"]["dirichlet"]) == set(policies)
+    assert result["best_lr"]["dirichlet"]["ddp"] == result["best_lr"]["dirichlet"]["allreduce"]
+    assert {t["seed"] for t in result["tuning"]} == {plan["tune_seed"]}
+    for policy in policies[:-1]:  # each grid brackets its best rate or ran out of extensions
+        rates = sorted(t["lr"] for t in result["tuning"] if t["policy"] == policy)
+        best = result["best_lr"]["dirichlet"][policy]
+        assert rates[0] < best < rates[-1] or len(rates) == 2 + emulated.MAX_EXTENSIONS
+    runs = [r for r in result["runs"] if r["phase"] == "run"]
+    assert [r["policy"] for r in runs] == policies, "every policy in turn, one seed"
+    for run in runs:
+        assert run["setting"] == "one_4x" and run["lr"] == result["best_lr"]["dirichlet"][
+            run["policy"]]
+        assert len(run["overrun_share"]) == len(run["cpu_share"]) == 4
+        assert run["refused"] == (run["overrun"] > emulated.MAX_OVERRUN)
+        assert run["curve"] and run["samples"] > 0
+        if not run["refused"]:  # the straggler's step is 4x the others'
+            assert run["iterations"][1] < min(run["iterations"][0], run["iterations"][2]) or (
+                run["policy"] in ("allreduce", "ddp", "dpsgd"))
+    cells = result["cells"]["dirichlet/one_4x"]
+    assert set(cells) == set(policies) and all(c["seeds"] + c["refused"] == 1
+                                               for c in cells.values())
+    assert set(result["ratios"]["dirichlet/one_4x"]) == set(emulated_report.BASELINES)
+    assert "dirichlet/one_4x" in result["ddp_over_allreduce_samples_per_second"]
+    markdown = (out / "n4.md").read_text()
+    assert "## dirichlet/one_4x" in markdown and "| aau vs |" in markdown
+    assert_png(out / "n4_curves.png")
+    assert not (out / "summary.md").exists(), "a quick run stays out of the summary"
+
+
+def test_the_crossing_is_interpolated_between_the_evaluations_around_it():
+    curve = [[0.25, 100, 0.4, 1.0], [0.5, 200, 0.5, 0.9], [0.75, 300, 0.7, 0.8]]
+    assert emulated_report.crossing(curve, 0.6) == pytest.approx(0.625)
+    assert emulated_report.crossing(curve, 0.6, column=1) == pytest.approx(250)
+    assert emulated_report.crossing(curve, 0.3) == 0.25, "reached at the first evaluation"
+    assert emulated_report.crossing(curve, 0.8) is None
+
+
+def record(seed, policy, seconds, accuracy=0.8, **extra):
+    """A run that reaches 0.6 at `seconds` (None: never)."""
+    curve = [[seconds, 1000, 0.7, 1.0]] if seconds is not None else [[1.0, 1000, 0.3, 2.0]]
+    return {"seed": seed, "policy": policy, "target": 0.6, "curve": curve, "refused": False,
+            "accuracy": accuracy, **extra}
+
+
+def test_paired_ratios_give_a_verdict_only_when_the_interval_excludes_one():
+    rng = __import__("numpy").random.default_rng(0)
+    base = [record(s, "dpsgd", 2.0 + 0.1 * s) for s in range(5)]
+    faster = [record(s, "aau", 1.0 + 0.05 * s) for s in range(5)]
+    ratio = emulated_report.paired_ratio(faster, base, rng)
+    assert ratio["pairs"] == 5 and ratio["geometric_mean"] == pytest.approx(0.5)
+    assert ratio["high"] < 1 and ratio["verdict"] == "aau faster"
+    mixed = [record(s, "aau", t) for s, t in enumerate([1.0, 3.0, 1.5, 3.5, 2.0])]
+    assert emulated_report.paired_ratio(mixed, base, rng)["verdict"] == "no verdict"
+    # seeds where only one side reached the target are counted, not paired
+    few = [record(s, "aau", 1.0 if s < 2 else None) for s in range(5)]
+    ratio = emulated_report.paired_ratio(few, base, rng)
+    assert (ratio["pairs"], ratio["only_baseline_reached"]) == (2, 3)
+    assert ratio["verdict"] == "no verdict", "two pairs are too few for a verdict"
+    refused = [record(s, "aau", 1.0, refused=s < 3) for s in range(5)]
+    assert emulated_report.paired_ratio(refused, base, rng)["pairs"] == 2
+
+
+def test_a_cell_counts_collapses_divergences_and_refusals_apart():
+    runs = [record(0, "aau", 1.0), record(1, "aau", None, accuracy=0.1),
+            record(2, "aau", 2.0, diverged=True, accuracy=None),
+            record(3, "aau", 1.0, refused=True)]
+    for run in runs:
+        run.update(samples_per_second=100.0, overrun=0.0, cpu_share=[0.1, 0.1])
+    stats = emulated_report.cell_stats(runs)
+    assert (stats["seeds"], stats["refused"], stats["reached"]) == (3, 1, 2)
+    assert (stats["collapsed"], stats["diverged"]) == (1, 1)
+    assert stats["time_to_target_mean"] is None, "not every seed reached the target"
+    assert stats["time_to_target_reached_mean"] == pytest.approx(1.5)
+    assert stats["accuracy_worst"] == 0.1
+
+
+def test_the_rate_grid_grows_past_an_edge_until_the_best_is_inside():
+    grid = [0.1, 0.2, 0.4]
+    tuned = [record(100, "aau", t, lr=lr) for lr, t in [(0.1, 3.0), (0.2, 2.0), (0.4, 1.0)]]
+    assert emulated.next_rate(grid, tuned, "aau") == 0.8
+    tuned.append(record(100, "aau", None, lr=0.8, accuracy=0.1))
+    assert emulated.next_rate(grid, tuned, "aau") is None, "0.4 is inside now"
+    low = [record(100, "dpsgd", t, lr=lr) for lr, t in [(0.1, 1.0), (0.2, 2.0), (0.4, None)]]
+    assert emulated.next_rate(grid, low, "dpsgd") == 0.05
+    assert emulated_report.best_rates(tuned + low) == {"aau": 0.4, "dpsgd": 0.1}
 
 
 def synthetic_real_result(path):
