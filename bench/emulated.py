@@ -50,6 +50,7 @@ LRS = (0.1, 0.2, 0.4)
 MAX_EXTENSIONS = 4          # grid steps added beyond either edge, at most
 SAMPLES_PER_RANK = 2500     # 2,000 train + 500 test
 MAX_OVERRUN = 0.05
+PARETO_CAP = 20             # steps: uncapped, one draw in 10^5 stalls a rank for minutes
 ATTEMPTS = 3                # a run refused for overruns is trained again, this often at most
 QUICK = {"seeds": [0], "settings": ["one_4x"], "partitions": ["dirichlet"],
          "overrides": ["budget.seconds=2"], "lrs": [0.05, 0.1]}
@@ -63,9 +64,9 @@ def straggler_section(setting, ranks, seed):
         return {"name": "fixed", "ranks": [1], "slowdown": 4.0}
     if setting == "quarter_2x":  # every fourth rank, spread over the graph
         return {"name": "fixed", "ranks": list(range(1, ranks, 4)), "slowdown": 2.0}
-    if setting == "pareto":      # 10 % of steps delayed by Pareto(1.5) steps: mean 2, heavy tail
+    if setting == "pareto":      # 10 % of steps delayed by Pareto(1.5) steps, capped: mean 1.8
         return {"name": "random", "distribution": "pareto", "probability": 0.1, "scale": 1.0,
-                "shape": 1.5, "relative": True, "seed": seed}
+                "shape": 1.5, "relative": True, "cap": PARETO_CAP, "seed": seed}
     if setting == "shifting":    # an eighth of the ranks 4x slower, redrawn every second
         return {"name": "shifting", "count": max(1, ranks // 8), "slowdown": 4.0,
                 "period": 1.0, "seed": seed}
@@ -131,8 +132,8 @@ class Worker:
 
         A run refused for overruns is trained again, up to ATTEMPTS times (a
         passing load); a run whose folder exists without a record ended an
-        earlier job (the trainer's one-line error on divergence): it counts
-        as diverged."""
+        earlier job (the trainer's one-line error: a non-finite loss, or the
+        watchdog): it counts as failed."""
         from aau_mpi.training.config_loading import load_config
         plan, comm = self.plan, self.comm
         name = run_name(phase, part, setting, seed, policy, lr)
@@ -147,7 +148,7 @@ class Worker:
                 config = load_config(plan["config"], args)
                 folder = benchlib.run_folder(config)
                 if comm.bcast(folder.is_dir() if comm.rank == 0 else None, root=0):
-                    record = self.diverged(config) if comm.rank == 0 else None
+                    record = self.failed(config) if comm.rank == 0 else None
                     break
                 record = (self.ddp(config, folder) if policy == "ddp"
                           else self.trainer(config, args))
@@ -167,11 +168,11 @@ class Worker:
             print(report.run_line(record), flush=True)
         return comm.bcast(record, root=0)
 
-    def diverged(self, config):
+    def failed(self, config):
         """The record of a run that ended its job: its curve up to then, no final model."""
         record = benchlib.read_failed_run(config)
         size = self.comm.size
-        record.update(diverged=True, accuracy=None, overrun_share=[0.0] * size,
+        record.update(failed=True, accuracy=None, overrun_share=[0.0] * size,
                       cpu_share=[None] * size, overrun=0.0, refused=False)
         return record
 
@@ -278,8 +279,8 @@ def main(argv=None):
     runs_dir.mkdir(parents=True, exist_ok=True)
     plan_path = benchlib.write_json(runs_dir / "plan.json", plan)
     started = time.perf_counter()
-    # A diverged run ends its job: launch again (that run's record says so) as
-    # long as each job gets further.
+    # A run that fails (diverges, or stalls past the watchdog) ends its job:
+    # launch again (that run's record says so) as long as each job gets further.
     while True:
         before = sum(1 for _ in runs_dir.glob("*/config.yaml"))
         try:
@@ -290,7 +291,7 @@ def main(argv=None):
             if sum(1 for _ in runs_dir.glob("*/config.yaml")) == before:
                 raise
             print("the job ended in a run (above): launching again; that run counts as "
-                  "diverged", flush=True)
+                  "failed", flush=True)
     result = json.loads((runs_dir / "result.json").read_text())
     result["plan"] = {**plan, "wall_seconds": round(time.perf_counter() - started),
                       "date": benchlib.today(), "machine": benchlib.machine(),

@@ -10,7 +10,8 @@ Definitions (docs/benchmarks.md quotes them):
   target accuracy, interpolated linearly between the two evaluations around
   it; None when the run never reaches it.
 - collapsed: a run whose final accuracy is below COLLAPSE (twice chance);
-  diverged: a run that ended its job with a non-finite loss (no final model).
+  failed: a run that ended its job (a non-finite loss, or a stall past the
+  watchdog; the job's log says which), so without a final model.
 - per cell (partition, setting, policy): over the evaluation seeds whose run
   was not refused, the mean and the worst seed of each figure, how many
   reached the target, how many collapsed.
@@ -60,7 +61,7 @@ def time_to_target(record):
 def tuning_key(record):
     """Shortest time to target first, then the higher final accuracy; a refused run last."""
     reached = time_to_target(record)
-    return (record.get("refused", False) or record.get("diverged", False),
+    return (record.get("refused", False) or record.get("failed", False),
             math.inf if reached is None else reached, -(record["accuracy"] or 0.0))
 
 
@@ -78,7 +79,7 @@ def run_line(record):
             f"{cell(record['accuracy'], '.3f')}  target at {cell(reached, '.2f')} s  "
             f"{record['samples_per_second']:,.0f} samples/s  overrun {record['overrun']:.1%}"
             + ("  REFUSED (over 5 % of steps overran)" if record["refused"] else "")
-            + ("  DIVERGED (ended its job)" if record.get("diverged") else ""))
+            + ("  FAILED (ended its job: diverged or stalled)" if record.get("failed") else ""))
 
 
 # ------------------------------------------------------------------ statistics
@@ -93,7 +94,7 @@ def cell_stats(runs):
     kept = [r for r in runs if not r["refused"]]
     times = [time_to_target(r) for r in kept]
     samples = [crossing(r["curve"], r["target"], 1) for r in kept]
-    accuracy = [r["accuracy"] for r in kept if not r.get("diverged")]
+    accuracy = [r["accuracy"] for r in kept if not r.get("failed")]
     reached = [t for t in times if t is not None]
     return {"seeds": len(kept), "refused": len(runs) - len(kept),
             "reached": len(reached),
@@ -106,10 +107,10 @@ def cell_stats(runs):
             "accuracy_mean": _mean(accuracy),
             "accuracy_worst": min(accuracy) if accuracy else None,
             "collapsed": sum(a < COLLAPSE for a in accuracy),
-            "diverged": sum(bool(r.get("diverged")) for r in kept),
+            "failed": sum(bool(r.get("failed")) for r in kept),
             "overrun_max": max((r["overrun"] for r in runs), default=None),
             "cpu_cores_mean": _mean([sum(r["cpu_share"]) for r in kept
-                                     if not r.get("diverged")])}
+                                     if not r.get("failed")])}
 
 
 def paired_ratio(aau_runs, base_runs, rng):
@@ -204,11 +205,11 @@ def markdown(result, analysis):
                          cell(s["samples_to_target_mean"], ",.0f"),
                          cell(s["samples_per_second_mean"], ",.0f"),
                          f"{cell(s['accuracy_mean'], '.3f')} [{cell(s['accuracy_worst'], '.3f')}]",
-                         s["collapsed"], s["diverged"], f"{s['overrun_max']:.1%}",
+                         s["collapsed"], s["failed"], f"{s['overrun_max']:.1%}",
                          cell(s["cpu_cores_mean"], ".2f")])
         lines.append(benchlib.markdown_table(
             ["policy", "reached", "time to target s", "samples to target", "samples/s",
-             "final accuracy", "collapsed", "diverged", "overrun max", "CPU cores"], rows))
+             "final accuracy", "collapsed", "failed", "overrun max", "CPU cores"], rows))
         if key in analysis["ratios"]:
             lines.append(benchlib.markdown_table(
                 ["aau vs", "paired seeds", "time ratio [95 % CI]", "verdict",

@@ -172,15 +172,15 @@ def test_paired_ratios_give_a_verdict_only_when_the_interval_excludes_one():
     assert emulated_report.paired_ratio(refused, base, rng)["pairs"] == 2
 
 
-def test_a_cell_counts_collapses_divergences_and_refusals_apart():
+def test_a_cell_counts_collapses_failures_and_refusals_apart():
     runs = [record(0, "aau", 1.0), record(1, "aau", None, accuracy=0.1),
-            record(2, "aau", 2.0, diverged=True, accuracy=None),
+            record(2, "aau", 2.0, failed=True, accuracy=None),
             record(3, "aau", 1.0, refused=True)]
     for run in runs:
         run.update(samples_per_second=100.0, overrun=0.0, cpu_share=[0.1, 0.1])
     stats = emulated_report.cell_stats(runs)
     assert (stats["seeds"], stats["refused"], stats["reached"]) == (3, 1, 2)
-    assert (stats["collapsed"], stats["diverged"]) == (1, 1)
+    assert (stats["collapsed"], stats["failed"]) == (1, 1)
     assert stats["time_to_target_mean"] is None, "not every seed reached the target"
     assert stats["time_to_target_reached_mean"] == pytest.approx(1.5)
     assert stats["accuracy_worst"] == 0.1

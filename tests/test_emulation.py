@@ -97,3 +97,16 @@ def test_the_config_section_loads_and_refuses_bad_values():
                               ("emulate.speed=2", "emulate.speed")]:
         with pytest.raises(UserError, match=message):
             load_config("jobs/demo.yaml", [override])
+
+
+def test_a_capped_heavy_tail_never_stalls_past_its_cap():
+    params = {"distribution": "pareto", "probability": 1.0, "scale": 1.0, "shape": 0.5,
+              "relative": True, "seed": 0}
+    capped = build_straggler("random", 0, 4, {**params, "cap": 20})
+    free = build_straggler("random", 0, 4, params)
+    drawn = np.array([free.delay(0.1, 0.0) for _ in range(2000)])
+    limited = np.array([capped.delay(0.1, 0.0) for _ in range(2000)])
+    assert drawn.max() > 2.0, "shape 0.5: the uncapped tail draws stalls of many steps"
+    assert limited.max() == pytest.approx(2.0) and np.array_equal(
+        limited, np.minimum(drawn, 2.0)), "the same draws, cut at 20 steps of 0.1 s"
+    assert "(at most 20 steps)" in capped.describe()

@@ -10,10 +10,12 @@ Models (build with `build_straggler(name, rank, world_size, params)`):
   none      never delays.
   fixed     ranks=[1], slowdown=4.0: listed ranks sleep (slowdown-1) x step.
   random    probability=0.1, distribution="exponential"|"pareto", scale=0.01,
-            shape=2.0, seed=0, ranks=None (all), relative=False: each step,
-            with probability p, an extra delay ~ Exp(mean=scale) or
-            rng.pareto(shape) * scale, in seconds, or with relative=True in
-            steps (times the step's time: a transient scaled to the step). The
+            shape=2.0, seed=0, ranks=None (all), relative=False, cap=None:
+            each step, with probability p, an extra delay ~ Exp(mean=scale)
+            or rng.pareto(shape) * scale, at most `cap`, in seconds, or with
+            relative=True in steps (times the step's time: a transient scaled
+            to the step). A heavy tail without a cap eventually draws a stall
+            of minutes, which the watchdog rightly ends. The
             RNG is seeded by (seed, rank), so each rank draws its own
             reproducible sequence (one draw sequence per call of `delay`).
   shifting  count=1, slowdown=4.0, period=10.0, seed=0: the slow set changes
@@ -86,20 +88,24 @@ class FixedStraggler(Straggler):
 
 
 class RandomStraggler(Straggler):
-    def __init__(self, rank, probability, distribution, scale, shape, seed, ranks, relative):
+    def __init__(self, rank, probability, distribution, scale, shape, seed, ranks, relative,
+                 cap):
         self.probability, self.distribution = probability, distribution
         self.scale, self.shape, self.seed, self.ranks = scale, shape, seed, ranks
-        self.relative = relative
+        self.relative, self.cap = relative, cap
         self.active = ranks is None or rank in ranks
         self.rng = np.random.default_rng([seed, rank])
 
     def delay(self, step_seconds, now):
         if not self.active or self.rng.random() >= self.probability:
             return 0.0
-        unit = step_seconds if self.relative else 1.0
         if self.distribution == "exponential":
-            return float(self.rng.exponential(self.scale)) * unit
-        return float(self.rng.pareto(self.shape) * self.scale) * unit
+            drawn = float(self.rng.exponential(self.scale))
+        else:
+            drawn = float(self.rng.pareto(self.shape) * self.scale)
+        if self.cap is not None:
+            drawn = min(drawn, self.cap)
+        return drawn * (step_seconds if self.relative else 1.0)
 
     def state_dict(self):
         return {"rng": self.rng.bit_generator.state}
@@ -112,7 +118,9 @@ class RandomStraggler(Straggler):
         unit = " steps" if self.relative else "s"
         law = (f"exponential(mean={self.scale:g}{unit})" if self.distribution == "exponential"
                else f"pareto(shape={self.shape:g}) x {self.scale:g}{unit}")
-        return f"random: {who}, p={self.probability:g} per step, extra delay ~ {law}, seed {self.seed}"
+        cap = f" (at most {self.cap:g}{unit})" if self.cap is not None else ""
+        return (f"random: {who}, p={self.probability:g} per step, extra delay ~ {law}{cap}, "
+                f"seed {self.seed}")
 
 
 class ShiftingStraggler(Straggler):
@@ -158,7 +166,7 @@ def _fixed(rank, world_size, ranks=(1,), slowdown=4.0):
 
 @STRAGGLERS.register("random")
 def _random(rank, world_size, probability=0.1, distribution="exponential", scale=0.01,
-            shape=2.0, seed=0, ranks=None, relative=False):
+            shape=2.0, seed=0, ranks=None, relative=False, cap=None):
     probability = checks.number(_field("probability"), probability, 0, 1)
     checks.choice(_field("distribution"), distribution, DISTRIBUTIONS)
     return RandomStraggler(rank, probability, distribution,
@@ -166,7 +174,8 @@ def _random(rank, world_size, probability=0.1, distribution="exponential", scale
                            checks.number(_field("shape"), shape, above=0),
                            checks.integer(_field("seed"), seed, 0),
                            None if ranks is None else _ranks(ranks, world_size),
-                           checks.boolean(_field("relative"), relative))
+                           checks.boolean(_field("relative"), relative),
+                           None if cap is None else checks.number(_field("cap"), cap, above=0))
 
 
 @STRAGGLERS.register("shifting")
