@@ -384,7 +384,8 @@ class VirtualCluster:
                 iteration=k, time=now, compute_seconds=worker.compute, wait_seconds=wait,
                 deposit_seconds=worker.deposit_seconds, deposit_wait_seconds=deposit_wait,
                 mix_seconds=0.0, step_seconds=0.0, copy_seconds=0.0, control_seconds=0.0,
-                delay=worker.delay, averaged=averaged, staleness=staleness, step_scale=scale)
+                delay=worker.delay, overran=False, averaged=averaged, staleness=staleness,
+                step_scale=scale)
             worker.log.iteration(record, loss=self.last_loss, samples=self.samples,
                                  lr=worker.lr * scale)
         self.progress.update(self.samples, now, self.last_loss, self.last_accuracy)
