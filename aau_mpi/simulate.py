@@ -217,21 +217,23 @@ class Simulator:
         batch = self.config.data.eval_batch_size
         torch.nn.utils.vector_to_parameters(average, self.model.parameters())
         loss, correct = loss_and_correct(self.model, self.x_test, self.y_test, batch)
-        rank_loss, rank_correct = [], []
-        for start in range(0, len(self.logged), EVAL_CHUNK):
-            rows = torch.tensor(self.logged[start:start + EVAL_CHUNK])
-            losses, corrects = self.stacked.loss_and_correct(self.parameters[rows],
-                                                             self.x_test, self.y_test, batch)
-            rank_loss += losses.tolist()
-            rank_correct += corrects.tolist()
         m = len(self.y_test)
         samples = self.cluster.samples
         record = {"evaluation": number, "time": round(now, 6), "samples": samples,
                   "epochs": samples / self.train_size, "accuracy": correct / m,
-                  "loss": loss / m, "rank_accuracy": [c / m for c in rank_correct],
-                  "rank_loss": [l / m for l in rank_loss], "consensus_distance": distance}
-        if len(self.logged) < self.n:
-            record["evaluated_ranks"] = self.logged
+                  "loss": loss / m, "consensus_distance": distance}
+        if self.config.eval.rank_models:
+            rank_loss, rank_correct = [], []
+            for start in range(0, len(self.logged), EVAL_CHUNK):
+                rows = torch.tensor(self.logged[start:start + EVAL_CHUNK])
+                losses, corrects = self.stacked.loss_and_correct(self.parameters[rows],
+                                                                 self.x_test, self.y_test, batch)
+                rank_loss += losses.tolist()
+                rank_correct += corrects.tolist()
+            record.update(rank_accuracy=[c / m for c in rank_correct],
+                          rank_loss=[l / m for l in rank_loss])
+            if len(self.logged) < self.n:
+                record["evaluated_ranks"] = self.logged
         append_json_line(self.folder / "eval.jsonl", record)
         target = self.config.eval.target_accuracy
         if target is not None and self.time_to_target is None and record["accuracy"] >= target:

@@ -255,7 +255,7 @@ class Trainer:
         """Collective: every rank's model, the average, consensus distance."""
         at = self.opt.training_seconds()
         record = evaluate_job(self.opt, self.opt.job_comm, self.x_test, self.y_test,
-                              self.config.data.eval_batch_size)
+                              self.config.data.eval_batch_size, self.config.eval.rank_models)
         if record is not None:
             samples = self.opt.samples
             record = {"evaluation": number, "time": round(at, 6), "samples": samples,

@@ -106,6 +106,13 @@ def test_beyond_64_workers_16_are_logged_and_evaluated_and_the_files_say_so(tmp_
     assert len(summary["iterations"]) == 80
 
 
+def test_without_rank_models_only_the_averaged_model_is_evaluated(tmp_path):
+    simulate(tmp_path, 4, "model.name=logreg", "budget={samples: 2000}", "eval.every_epochs=1",
+             "eval.rank_models=false")
+    evals = read_lines(tmp_path / "run" / "eval.jsonl")
+    assert evals and all(set(e) == EVAL_KEYS - {"rank_accuracy", "rank_loss"} for e in evals)
+
+
 @pytest.mark.parametrize("args,message", [
     (["--ranks", "0"], "--ranks must be an integer >= 1, got '0': e.g. --ranks 16"),
     (["--ranks", "four"], "--ranks must be an integer >= 1"),

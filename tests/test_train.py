@@ -189,9 +189,11 @@ def test_divergence_stops_the_job_and_keeps_the_last_good_checkpoint(finished_ru
 
 
 def test_an_emulated_accelerator_paces_every_step_and_reports_overruns_and_cpu(tmp_path):
+    # As bench/emulated.py runs it: the ranks' own models are not evaluated.
     result = launch(4, "--config", "jobs/demo.yaml", MLP, "budget.seconds=2",
-                    "eval.every_seconds=1", "output.progress=false", f"output.dir={tmp_path}",
-                    "name=emulated", "checkpoint.enabled=false", "emulate.step_seconds=0.02",
+                    "eval.every_seconds=1", "eval.rank_models=false", "output.progress=false",
+                    f"output.dir={tmp_path}", "name=emulated", "checkpoint.enabled=false",
+                    "emulate.step_seconds=0.02",
                     "stragglers={name: fixed, ranks: [1], slowdown: 4}", timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "emulated accelerator: 0.02 s a step" in result.stdout
@@ -206,6 +208,8 @@ def test_an_emulated_accelerator_paces_every_step_and_reports_overruns_and_cpu(t
         assert summary["overrun_share"][rank] == pytest.approx(1 - len(paced) / len(records))
         # no step is shorter than the modelled one: the count is bounded by the time
         assert len(records) <= summary["seconds"] / step + 1
+    evals = read_lines(tmp_path / "emulated" / "eval.jsonl")
+    assert evals and all("rank_accuracy" not in e and 0 <= e["accuracy"] <= 1 for e in evals)
 
 
 def test_clipping_the_gradient_norm_keeps_a_spike_from_killing_the_network(tmp_path):

@@ -111,6 +111,10 @@ class EvalConfig:
     every_epochs: float = None
     max_samples: int = None          # evaluate on at most this many test samples
     target_accuracy: float = None
+    # Each rank's own model on the whole test set (rank_accuracy in eval.jsonl):
+    # N times the work of the averaged model's evaluation, whose test set the
+    # ranks split. False at many ranks per core or frequent evaluations.
+    rank_models: bool = True
 
 
 @dataclass
