@@ -289,6 +289,7 @@ class AAU(Policy):
         self.rate_scaled = checks.boolean("policy.rate_scaled", rate_scaled)
         self.time_dependent = self.gamma > 0  # rule 3's budget runs out with time
         self._wait_started = None
+        self._last_mixed = -1   # the iteration that last averaged a neighbour
 
     def select(self, headers, k, now):
         self.observe(headers)
@@ -297,8 +298,12 @@ class AAU(Policy):
         # A finished neighbour's final deposit is fresh once, and mixed once.
         live, fresh = ~self.done(headers), self.fresh(headers)
 
-        # Rule 1: at least one fresh neighbour, unless none is live.
-        if not fresh.any() and live.any():
+        # Rule 1: at least one fresh neighbour a round, unless none is live. On
+        # the one-peer graph one deposit arrives per iteration on average: a
+        # rank that mixed two at once and then waited every iteration for the
+        # next waited for its sender's current iteration, and chains of such
+        # waits took 69 % of the time at 16 ranks (D-PSGD: 7 %).
+        if not fresh.any() and live.any() and k - self._last_mixed >= self.period:
             return None
         # Rule 2: a live neighbour unused for tau rounds must be waited for.
         overdue = live & (k - self.last_used >= self.tau * self.period)
@@ -314,6 +319,11 @@ class AAU(Policy):
 
         self._wait_started = None
         return self.uniform(np.flatnonzero(fresh))
+
+    def mixed(self, used, k):
+        super().mixed(used, k)
+        if used:
+            self._last_mixed = k
 
     def predicted_arrival(self, j):
         """Neighbour j's next deposit here: its last one plus a period of its iterations."""
