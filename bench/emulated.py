@@ -2,7 +2,8 @@
 
     python bench/emulated.py --ranks 8 [--quick] [--seeds 0 1 2 3 4] [--tune-seed 100]
                              [--settings ...] [--partitions ...] [--policies ...]
-                             [--step-seconds S] [--out DIR] [--runs DIR] [key=value ...]
+                             [--step-seconds S] [--budget-seconds S] [--out DIR]
+                             [--runs DIR] [key=value ...]
 
 One MPI job of --ranks ranks (`mpiexec -n N python bench/emulated.py --worker
 PLAN`) trains every run: a rank's start-up costs more than a run. Every rank
@@ -12,7 +13,9 @@ so N ranks on a 2-core machine behave like N accelerators; stragglers are
 speed factors of that step. The step is sized to N (--step-seconds, default
 N x 3.125 ms) so that the host's CPU keeps up: a run with more than 5 % of
 its steps overrun on some rank is refused (kept in the JSON, marked, left
-out of every statistic).
+out of every statistic). The budget grows with it (--budget-seconds, default
+N x 1 s): 320 emulated steps a rank at every N, each rank's shard the same
+size, so every N gets the same epochs.
 
 1. Tuning, per partition, on --tune-seed (never an evaluation seed), without
    stragglers: each policy's learning rate over a grid that is extended (x2 or
@@ -87,7 +90,7 @@ def run_name(phase, part, setting, seed, policy, lr):
 
 def overrides(plan, name, part, setting, seed, policy, lr):
     ranks = plan["ranks"]
-    return [*plan["overrides"], f"name={name}",
+    return [f"budget.seconds={plan['budget_seconds']}", *plan["overrides"], f"name={name}",
             f"output.dir={plan['runs_dir']}", f"seed={seed}", f"optim.lr={lr}",
             f"data.num_samples={SAMPLES_PER_RANK * ranks}",
             f"data.partition={json.dumps(PARTITIONS[part])}",
@@ -244,6 +247,8 @@ def parse_args(argv=None):
     parser.add_argument("--lrs", type=float, nargs="+", default=list(LRS))
     parser.add_argument("--step-seconds", type=float,
                         help="the emulated step (default: ranks x 3.125 ms)")
+    parser.add_argument("--budget-seconds", type=float,
+                        help="training seconds a run (default: ranks x 1 s)")
     parser.add_argument("--config", default=str(DEFAULT_CONFIG))
     parser.add_argument("--out", default=str(OUT))
     parser.add_argument("--runs", help="run folders (default runs/emulated-n<N>)")
@@ -270,8 +275,10 @@ def main(argv=None):
         return
     runs_dir = Path(args.runs or benchlib.REPO / "runs" / f"emulated-n{args.ranks}").resolve()
     step = args.step_seconds or args.ranks * 0.003125
+    budget = args.budget_seconds or args.ranks * 1.0
     plan = {"config": str(Path(args.config).resolve()), "ranks": args.ranks,
-            "step_seconds": step, "seeds": args.seeds, "tune_seed": args.tune_seed,
+            "step_seconds": step, "budget_seconds": budget,
+            "seeds": args.seeds, "tune_seed": args.tune_seed,
             "settings": args.settings, "partitions": args.partitions,
             "policies": args.policies, "lrs": args.lrs, "overrides": args.overrides,
             "runs_dir": str(runs_dir), "quick": args.quick,

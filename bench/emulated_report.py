@@ -176,8 +176,9 @@ def markdown(result, analysis):
     target = result["runs"][0]["target"] if result["runs"] else None
     lines = [f"# Emulated accelerator, {plan['ranks']} ranks\n",
              f"`{plan['command']}` on {plan['date']} ({plan['machine']}; {plan['mpi']}), "
-             f"{plan['wall_seconds']} s of wall-clock time. Emulated step {plan['step_seconds']:g} s "
-             f"(jitter from the config), seeds {plan['seeds']} (tuned on seed "
+             f"{plan['wall_seconds']} s of wall-clock time in its last invocation (a relaunch "
+             f"resumes). Emulated step {plan['step_seconds']:g} s (jitter from the config), "
+             f"{plan['budget_seconds']:g} s of training a run, seeds {plan['seeds']} (tuned on seed "
              f"{plan['tune_seed']}), target accuracy {target}, overrides "
              f"{' '.join(plan['overrides']) or 'none'}.\n",
              "Times are training seconds of the emulated accelerator; `mean [worst]` over the "
@@ -260,6 +261,7 @@ def plot_curves(result, path):
         ax.set_ylabel("test accuracy (averaged model)")
     axes.flat[0].legend(fontsize=7, loc="lower right")
     figure.suptitle(f"MNIST-1D, {plan['ranks']} ranks, emulated step {plan['step_seconds']:g} s, "
+                    f"{plan['budget_seconds']:g} s a run, "
                     f"seeds {plan['seeds']}: median and interquartile band per policy",
                     fontsize=10)
     figure.tight_layout()
