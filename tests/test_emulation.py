@@ -62,6 +62,27 @@ def test_pace_sleeps_out_the_step_and_counts_the_steps_real_work_overran():
     assert accelerator.pace(0.1, slow, 0.0)[1] is False, "4 x 0.05 s covers 0.1 s of work"
 
 
+def test_pace_serves_between_slices_and_does_not_count_what_its_clock_leaves_out():
+    """The host serves events while its device computes; an evaluation served
+    there (0.05 s that the training clock excludes) does not shorten the step."""
+    accelerator = EmulatedAccelerator(0.06)
+    excluded = [0.0]
+    clock = lambda: time.perf_counter() - excluded[0]  # noqa: E731 (the training clock)
+    calls = []
+
+    def idle():
+        calls.append(clock())
+        if len(calls) == 2:  # an evaluation
+            time.sleep(0.05)
+            excluded[0] += 0.05
+
+    started_wall, started = time.perf_counter(), clock()
+    assert accelerator.pace(0.01, NONE, started, clock=clock, idle=idle) == \
+        (pytest.approx(0.05), False)
+    assert clock() - started >= 0.05 and time.perf_counter() - started_wall >= 0.1
+    assert len(calls) >= 0.05 / 0.005 - 1, "served every slice of the sleep"
+
+
 def test_its_state_continues_the_jitter_draws_and_the_counts():
     accelerator = EmulatedAccelerator(0.1, jitter=0.5, seed=1, rank=2)
     accelerator.pace(1.0, NONE, 0.0)

@@ -11,6 +11,7 @@ import re
 import shutil
 import tempfile
 import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from mpi4py import MPI
 
 import aau_mpi
 from aau_mpi.decentralized import checkpoint
+from aau_mpi.decentralized.events import JobEvents
 from aau_mpi.algorithms.schedule import Schedule
 from aau_mpi.algorithms.stragglers import Straggler
 from aau_mpi.algorithms.graphs import Graph, generate
@@ -332,6 +334,58 @@ def test_an_emulated_step_lasts_the_modelled_time_and_the_slow_ranks_four_times_
             assert record.compute_seconds == pytest.approx(modelled)
             assert record.delay > 0
     assert not all(r.overran for r in records)
+
+
+def evaluations_seen(straggler, emulate, seconds=0.6, every=0.05):
+    """async, evaluations every `every` training seconds: for each evaluation on
+    this rank, whether x was still the step's x_k (the step had not updated it)."""
+    world = aau_mpi.init(device="cpu")
+    a, b = shard(comm.rank)
+    model = LeastSquares()
+    before_step, seen = [None], []
+
+    def on_evaluation(number):
+        seen.append(bool(torch.equal(model.x.detach(), before_step[0])))
+    opt = aau_mpi.DecentralizedOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.01), model, policy="async", world=world,
+        schedule=Schedule(time_budget=seconds, eval_seconds=every), watchdog=None,
+        on_evaluation=on_evaluation, stragglers=straggler, emulate=emulate)
+    while not opt.should_stop():
+        opt.zero_grad()
+        model.loss(a, b).backward()
+        before_step[0] = model.x.detach().clone()
+        opt.step()
+    opt.finish()
+    return seen
+
+
+@pytest.mark.mpi(min_size=2)
+def test_a_straggler_on_an_emulated_device_joins_evaluations_while_it_computes():
+    """Its host is idle while the device computes: it serves the evaluations that the
+    others announce then, at the step's x_k, instead of keeping them at the barrier
+    until its 0.25 s step ends (every 0.05 s of training, that was most of their time)."""
+    straggler = aau_mpi.build_straggler("fixed", comm.rank, comm.size,
+                                        {"ranks": [1], "slowdown": 25.0})
+    seen = evaluations_seen(straggler, {"step_seconds": 0.01})
+    if comm.rank == 1:
+        assert any(seen), f"every evaluation waited for the end of a step: {seen}"
+
+
+@pytest.mark.mpi(min_size=2)
+def test_waiting_at_an_evaluations_barrier_is_not_training_time():
+    """The others announce an evaluation at 0.5 s of training and wait at its barrier
+    while rank 1 computes until 0.95 s (short of the next evaluation's 1 s);
+    their training clocks leave the wait out."""
+    started = time.monotonic()
+    events = JobEvents(comm, Schedule(eval_seconds=0.5), time.monotonic,
+                       on_evaluation=lambda number: None)
+    time.sleep(0.52 if comm.rank != 1 else 0.95)
+    events.count(1)  # every rank serves evaluation 1
+    training, wall = events.training_seconds(), time.monotonic() - started
+    events.close()
+    assert events.completed == 1
+    if comm.rank == 0:
+        assert wall >= 0.95 and training < 0.75, (training, wall)
 
 
 @pytest.mark.mpi(min_size=2)

@@ -24,6 +24,10 @@ import numpy as np
 
 from aau_mpi.base import checks
 
+# The longest sleep between two calls of pace()'s `idle`: an evaluation that
+# rank 0 announces is joined within this (plus the events' own poll interval).
+IDLE_EVERY = 0.005
+
 
 class EmulatedAccelerator:
     """A modelled device's step time for one rank, with its overrun count.
@@ -49,16 +53,30 @@ class EmulatedAccelerator:
             base *= 1.0 + self.jitter * self.rng.uniform(-1.0, 1.0)
         return base + straggler.delay(base, now)
 
-    def pace(self, compute_seconds, straggler, now):
+    def pace(self, compute_seconds, straggler, now, clock=None, idle=None):
         """Sleep out the rest of the modelled step after `compute_seconds` of real
-        work (time.sleep costs no CPU); returns (the sleep, whether it overran)."""
+        work (time.sleep costs no CPU); returns (the sleep, whether it overran).
+
+        With `idle`, the sleep is cut into slices of at most IDLE_EVERY seconds
+        of `clock` (the clock `now` is read on) and `idle` is called between
+        them: the host serves the job's events while its device computes, so
+        an evaluation does not wait for the end of every rank's step. Time
+        that `clock` does not count (an evaluation's) is not part of the step.
+        """
         modelled = self.modelled_seconds(straggler, now)
         self.steps += 1
         if compute_seconds > modelled:
             self.overruns += 1
             return 0.0, True
-        time.sleep(modelled - compute_seconds)
-        return modelled - compute_seconds, False
+        rest = modelled - compute_seconds
+        if idle is None:
+            time.sleep(rest)
+            return rest, False
+        end = now + rest
+        while (left := end - clock()) > 0:
+            time.sleep(min(left, IDLE_EVERY))
+            idle()
+        return rest, False
 
     @property
     def overrun_share(self):

@@ -191,9 +191,11 @@ class JobEvents:
             self._evaluate(self.evaluations_before + self.served)
 
     def _evaluate(self, number):
-        """Collective; its time (once every rank is here) is excluded from training."""
-        self.barrier()
+        """Collective; its time is excluded from training, the wait for the other
+        ranks at its barrier included (a rank that waits there for a straggler's
+        step is evaluating, not training)."""
         started = self.clock()
+        self.barrier()
         if self.on_evaluation is not None:
             self.evaluating = True
             try:

@@ -270,7 +270,9 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
         compute = started - self._returned_at
         overran = False
         if self.emulator is not None:
-            delay, overran = self.emulator.pace(compute, self.straggler, started)
+            paced = [0.0, False]  # what is left of it if a lost rank cut the step short
+            self._survival.run(self._pace, compute, started, paced)
+            delay, overran = paced
         else:
             delay = slow_down(self.straggler, compute, started)
         self.policy.computed(compute + delay)
@@ -284,6 +286,13 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
         self._survival.run(self._after_update, record)
         self._returned_at = self._now()
         return result["loss"]
+
+    def _pace(self, compute, started, paced):
+        """The emulated device's rest of the step. Meanwhile the host serves the job's
+        events: an evaluation joins at once, x is this step's (it changes only
+        in _update), and no rank waits at its barrier for another's step."""
+        paced[:] = self.emulator.pace(compute, self.straggler, started, clock=self._now,
+                                      idle=self.membership.serve)
 
     def _update(self, record, closure, result):
         """Exchange before the step, the local step, k += 1, deposit x_k."""
