@@ -1,7 +1,8 @@
 """The virtual-time simulator: N workers in one process, no MPI (docs/simulator.md).
 
     python -m aau_mpi.simulate --config jobs/compare/aau.yaml --ranks 256 \\
-        [--step-seconds 0.002] [--bandwidth-gbs 10] [--latency-us 20] [section.key=value ...]
+        [--step-seconds 0.002] [--bandwidth-gbs 10] [--latency-us 20] \\
+        [--payload-bytes 100e6] [--calibration calibration.json] [section.key=value ...]
 
 This command builds the job of a config for the engine
 (aau_mpi.training.simulation, which runs the workers on the virtual clock)
@@ -11,10 +12,16 @@ gradients on its real shard (the trainer's partition and loader seeds) with
 its own torch SGD, and runs the config's REAL policy over the config's graph
 and straggler model.
 
-The timing parameters: the step time is measured at start-up (the median of
-TIMED_STEPS real steps of this model and batch size here) or given as
---step-seconds; the deposit bandwidth is the mailbox benchmark's
-(BANDWIDTH_RESULTS) or --bandwidth-gbs; the latency --latency-us.
+The timing parameters: the step time is the job's emulated accelerator's
+(`emulate:`, with its jitter and the same draws as the trainer), else
+measured at start-up (the median of TIMED_STEPS real steps of this model and
+batch size here) or given as --step-seconds; the deposit bandwidth is the
+mailbox benchmark's (BANDWIDTH_RESULTS) or --bandwidth-gbs; the latency
+--latency-us; the bytes a deposit and the allreduce carry the model's, or
+--payload-bytes (a small model trained for its statistics, carrying a large
+one's communication); each iteration's overhead and the allreduce's cost
+from --calibration (aau_mpi.calibrate's file: the group of the job's policy
+at the nearest number of ranks).
 
 The run folder is the trainer's (aau_mpi.training.runlog): config.yaml (plus a
 `simulation:` section), rank-NNNNN.jsonl, eval.jsonl, summary.json (plus
@@ -40,10 +47,12 @@ import torch
 import torch.nn.functional as F
 import yaml
 
+from aau_mpi.algorithms.emulation import EmulatedAccelerator
 from aau_mpi.algorithms.policies import build_policy
 from aau_mpi.algorithms.stragglers import build_straggler
 from aau_mpi.algorithms.topology import load_topology
 from aau_mpi.base.errors import UserError, section
+from aau_mpi.training.calibration import load_calibration
 from aau_mpi.training.config_loading import load_config
 from aau_mpi.training.datasets import load_dataset
 from aau_mpi.training.evaluation import loss_and_correct
@@ -111,7 +120,8 @@ class Simulator:
     """
 
     def __init__(self, config, ranks, *, step_seconds=None, bandwidth_gbs=None,
-                 latency_us=None, folder=None, config_path=None):
+                 latency_us=None, payload_bytes=None, calibration=None, folder=None,
+                 config_path=None):
         self.config, self.n = config, ranks
         n = ranks
         topology = config.topology
@@ -153,21 +163,39 @@ class Simulator:
                             f"without them (e.g. resnet18 with norm: group)")
         self.stacked = StackedModel(self.model)
 
-        step_from = "--step-seconds"
-        if step_seconds is None:
+        step_from, emulators = "--step-seconds", None
+        emulate = config.emulate
+        if emulate.step_seconds is not None:
+            if step_seconds is not None:
+                raise UserError(f"--step-seconds {step_seconds:g} and the job's "
+                                f"emulate.step_seconds {emulate.step_seconds:g} both set the "
+                                f"step: drop one (emulate.step_seconds=null)")
+            step_seconds = emulate.step_seconds
+            step_from = f"emulate (jitter {emulate.jitter:g})"
+            emulators = [EmulatedAccelerator(emulate.step_seconds, emulate.jitter,
+                                             seed=config.seed, rank=i) for i in range(n)]
+        elif step_seconds is None:
             step_seconds = measure_step_seconds(self.model, data.x_train, data.y_train,
                                                 self.batch_size, config.optim)
             step_from = (f"measured: median of {TIMED_STEPS} steps, "
                          f"{torch.get_num_threads()} thread(s)")
         x0 = torch.nn.utils.parameters_to_vector(self.model.parameters()).detach()
-        payload_bytes = x0.numel() * x0.element_size()
+        if payload_bytes is None:
+            payload_bytes = x0.numel() * x0.element_size()
         if bandwidth_gbs is None:
             bandwidth_gbs, bandwidth_from = measured_bandwidth(payload_bytes)
         else:
             bandwidth_from = "--bandwidth-gbs"
+        calibrated = {}
+        if calibration is not None:
+            group, where = load_calibration(calibration, config.policy.name, n)
+            collective = group.get("collective_seconds")
+            calibrated = {"overhead_seconds": group["overhead_seconds"]["mean"],
+                          "collective_seconds": collective["mean"] if collective else None,
+                          "calibration_from": where}
         self.timing = Timing(step_seconds, step_from, bandwidth_gbs, bandwidth_from,
                              DEFAULT_LATENCY_US if latency_us is None else latency_us,
-                             payload_bytes)
+                             int(payload_bytes), **calibrated)
         self.schedule = config.schedule(self.train_size)
         self.learning_rate = config.optim.learning_rate(n * self.batch_size, self.batch_size)
 
@@ -183,7 +211,7 @@ class Simulator:
         self.cluster = VirtualCluster(self.graph, policies, stragglers, loaders, self.stacked,
                                       x0, config.optim, self.batch_size, self.timing,
                                       self.schedule, self.learning_rate, self.logs,
-                                      self.progress, self._evaluate)
+                                      self.progress, self._evaluate, emulators)
         # The engine's, updated in place as it runs.
         self.parameters, self.workers = self.cluster.parameters, self.cluster.workers
 
@@ -298,6 +326,10 @@ def parse_args(argv=None):
                         "bench/results/mailbox_bandwidth.json, else 10)")
     parser.add_argument("--latency-us", help=f"latency per deposit, microseconds (default: "
                         f"{DEFAULT_LATENCY_US:g})")
+    parser.add_argument("--payload-bytes", help="bytes of a deposit and of the allreduce "
+                        "(default: the model's parameters), e.g. 100e6 for ResNet-50's")
+    parser.add_argument("--calibration", help="a calibration file (python -m "
+                        "aau_mpi.calibrate): per-iteration overhead, allreduce cost")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value",
                         help="override config values, e.g. policy.name=dpsgd optim.lr=0.05")
     return parser.parse_intermixed_args(argv)  # overrides before and after the options
@@ -310,16 +342,21 @@ def main(argv=None):
                                         0.002),
                    bandwidth_gbs=_option("--bandwidth-gbs", args.bandwidth_gbs, float, 0, True,
                                          10),
-                   latency_us=_option("--latency-us", args.latency_us, float, 0, False, 20))
+                   latency_us=_option("--latency-us", args.latency_us, float, 0, False, 20),
+                   payload_bytes=_option("--payload-bytes", args.payload_bytes, float, 0, True,
+                                         "100e6"),
+                   calibration=args.calibration)
     config = load_config(args.config, args.overrides)
     for warning in config.warnings:
         print(f"warning: {warning}", file=sys.stderr, flush=True)
     simulator = Simulator(config, ranks, config_path=args.config, **options)
     timing = simulator.timing
+    calibrated = (f", overhead {timing.overhead_seconds * 1e3:.2f} ms an iteration from "
+                  f"{timing.calibration_from}" if timing.calibration_from else "")
     print(f"{ranks} virtual workers, {simulator.graph.name}, policy {config.policy.name}; "
           f"step {timing.step_seconds:g} s ({timing.step_seconds_from}), deposit "
           f"{timing.link_seconds * 1e6:.1f} us per link ({timing.bandwidth_gbs:g} GB/s, "
-          f"{timing.latency_us:g} us); run folder {simulator.folder}", flush=True)
+          f"{timing.latency_us:g} us){calibrated}; run folder {simulator.folder}", flush=True)
     started = time.perf_counter()
     summary = simulator.run()
     lines = summary_table(summary).splitlines()

@@ -13,12 +13,17 @@ import numpy as np
 import pytest
 import torch
 
+from aau_mpi.algorithms.emulation import EmulatedAccelerator
+from aau_mpi.algorithms.stragglers import build_straggler
+from aau_mpi.base.errors import UserError
+from aau_mpi.training.calibration import collective_waits, load_calibration
 from aau_mpi.training.config_loading import config_from_dict
 from aau_mpi.training.datasets import load_dataset
 from aau_mpi.training.partitions import partition, shard_loader
 from aau_mpi.training.models import build_model
 from aau_mpi.algorithms.policies import POLICIES
 from aau_mpi.simulate import Simulator, cli, main
+from aau_mpi.training.simulation import Timing
 
 STEP = 0.01          # virtual seconds per step, given: no start-up measurement
 BASE = {"seed": 0, "policy": {"name": "dpsgd"}, "topology": {"name": "ring"},
@@ -35,9 +40,10 @@ SUMMARY_KEYS = {"policy", "topology", "world_size", "accuracy", "loss", "seconds
                 "target_accuracy", "time_to_target", "exit", "simulated", "timing"}
 
 
-def simulate(tmp_path, ranks, *overrides, name="run"):
+def simulate(tmp_path, ranks, *overrides, name="run", calibration=None):
     config = config_from_dict(BASE, overrides=list(overrides))
-    simulator = Simulator(config, ranks, step_seconds=STEP, folder=tmp_path / name)
+    simulator = Simulator(config, ranks, step_seconds=STEP, folder=tmp_path / name,
+                          calibration=calibration)
     return simulator, simulator.run()
 
 
@@ -120,12 +126,16 @@ def test_without_rank_models_only_the_averaged_model_is_evaluated(tmp_path):
     (["--ranks", "4", "topology={file: TOPOLOGY}"], "topology has 6 nodes but the job has 4"),
     (["--ranks", "4", "stragglers={name: fixed, ranks: [9]}"], "stragglers.ranks [9] out of"),
     (["--ranks", "5000"], "into 5000 non-empty parts: use fewer ranks"),
+    (["--ranks", "4", "--step-seconds", "0.01", "emulate.step_seconds=0.02"],
+     "emulate.step_seconds 0.02 both set the step: drop one"),
+    (["--ranks", "4", "--calibration", "MISSING"], "cannot read calibration"),
 ])
 def test_bad_input_is_one_line_with_the_fix_and_exit_2(tmp_path, monkeypatch, capsys, args,
                                                          message):
     topology = tmp_path / "six.yaml"
     topology.write_text("nodes: 6\nedges: [[0, 1], [1, 2], [2, 3], [3, 4], [4, 5], [5, 0]]\n")
-    args = [a.replace("TOPOLOGY", str(topology)) for a in args]
+    args = [a.replace("TOPOLOGY", str(topology)).replace("MISSING", str(tmp_path / "none.json"))
+            for a in args]
     monkeypatch.setattr(sys, "argv", ["simulate", "--config", "jobs/demo.yaml",
                                       f"output.dir={tmp_path}", *args])
     with pytest.raises(SystemExit) as exit_:
@@ -133,6 +143,66 @@ def test_bad_input_is_one_line_with_the_fix_and_exit_2(tmp_path, monkeypatch, ca
     assert exit_.value.code == 2
     error = capsys.readouterr().err.strip()
     assert error.startswith("error: ") and "\n" not in error and message in error
+
+
+# ---- the emulated accelerator, the calibration, the allreduce model --------------------
+
+def test_an_emulated_job_runs_on_the_trainers_modelled_steps_with_its_jitter(tmp_path):
+    config = config_from_dict(BASE, overrides=["policy.name=async", STRAGGLER % 4,
+                                               "emulate={step_seconds: 0.02, jitter: 0.1}"])
+    Simulator(config, 4, folder=tmp_path / "run").run()
+    for rank in range(4):
+        device = EmulatedAccelerator(0.02, 0.1, seed=0, rank=rank)  # as the trainer's
+        straggler = build_straggler("fixed", rank, 4, {"ranks": [1], "slowdown": 4})
+        computes = [r["compute"] for r in read_lines(tmp_path / "run" / f"rank-{rank:05d}.jsonl")]
+        assert computes == pytest.approx([device.modelled_seconds(straggler, 0.0)
+                                          for _ in computes])
+        assert len(set(computes)) > 1, "jitter"
+
+
+def write_calibration(path):
+    path.write_text(json.dumps({"groups": [
+        {"policy": "async", "ranks": 2, "runs": 1, "overhead_seconds": {"mean": 0.5}},
+        {"policy": "async", "ranks": 8, "runs": 1, "overhead_seconds": {"mean": 0.003}},
+        {"policy": "allreduce", "ranks": 4, "runs": 1, "overhead_seconds": {"mean": 0.002},
+         "collective_seconds": {"mean": 0.004}}]}))
+    return path
+
+
+def test_a_calibration_adds_its_overhead_to_every_iteration_and_its_collective(tmp_path):
+    calibration = write_calibration(tmp_path / "calibration.json")
+    for policy, ranks, iteration in (("async", 5, STEP + 0.003),        # never waits
+                                     ("allreduce", 4, STEP + 0.004 + 0.002)):
+        simulator, _ = simulate(tmp_path, ranks, f"policy.name={policy}", name=policy,
+                                calibration=calibration)
+        if policy == "async":  # 2 and 8 ranks are as near to 5: the larger is taken
+            assert "(async, 8 ranks, 1 runs)" in simulator.timing.calibration_from
+        for rank in range(ranks):
+            times = [r["time"] for r in read_lines(tmp_path / policy / f"rank-{rank:05d}.jsonl")]
+            assert np.diff(times) == pytest.approx(iteration)
+
+
+def test_a_calibration_without_the_jobs_policy_is_refused_naming_what_it_has(tmp_path):
+    calibration = write_calibration(tmp_path / "calibration.json")
+    with pytest.raises(UserError, match="has no dpsgd runs .it has allreduce, async.: "
+                                        "calibrate from runs of policy dpsgd too"):
+        load_calibration(calibration, "dpsgd", 4)
+
+
+def test_the_collective_is_the_allreduces_wait_beyond_the_slowest_compute():
+    def record(iteration, compute, wait):
+        return {"iteration": iteration, "compute": compute, "wait": wait}
+    logs = {0: [record(0, 0.01, 0.1), record(1, 0.01, 0.025), record(2, 0.02, 0.006)],
+            1: [record(0, 0.01, 0.1), record(1, 0.03, 0.005), record(2, 0.01, 0.016)]}
+    assert collective_waits(logs) == pytest.approx([0.005, 0.005, 0.006, 0.006])
+
+
+def test_the_allreduce_model_takes_the_faster_of_a_ring_and_a_tree():
+    timing = Timing(0.03, "given", 25.0, "given", 5.0, int(100e6))  # 4 ms through a link
+    ring4, tree1024 = 1.5 * 0.004 + 6 * 5e-6, 2 * 0.004 + 20 * 5e-6
+    assert timing.allreduce_seconds(4) == pytest.approx(ring4)          # tree: 8.02 ms
+    assert timing.allreduce_seconds(1024) == pytest.approx(tree1024)    # ring: 18.2 ms
+    assert Timing(0.03, "", 25.0, "", 5.0, 100, collective_seconds=0.5).allreduce_seconds(8) == 0.5
 
 
 # ---- dpsgd is the synchronous recursion -------------------------------------------

@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 import torch
 
+from aau_mpi.base.errors import UserError
+from aau_mpi.calibrate import main as calibrate_main
 from aau_mpi.checkpoint import load_model  # the documented name
 from aau_mpi.decentralized import checkpoint
 from aau_mpi.training.datasets import load_dataset
@@ -71,6 +73,21 @@ def test_a_run_leaves_its_config_logs_summary_and_final_model(finished_run):
     assert manifest.world_size == 4
     with h5py.File(manifest.path) as f:  # standard HDF5 reaches every rank's state
         assert f["ranks/00003/arrays/params"].shape == (sum(p.numel() for p in model.parameters()),)
+
+
+def test_calibrate_fits_the_runs_per_iteration_costs_for_the_simulator(finished_run, tmp_path):
+    folder, _ = finished_run
+    out = tmp_path / "calibration.json"
+    assert calibrate_main([str(folder), "--out", str(out)]) == 0
+    (group,) = json.loads(out.read_text())["groups"]
+    iterations = json.loads((folder / "summary.json").read_text())["iterations"]
+    assert (group["policy"], group["ranks"], group["runs"]) == ("aau", 4, 1)
+    overhead = group["overhead_seconds"]
+    assert overhead["count"] == sum(iterations) - 4, "every iteration but each rank's first"
+    assert 0 < overhead["p05"] <= overhead["median"] <= overhead["p95"]
+    assert group["deposit_seconds"]["count"] > 0 and "collective_seconds" not in group
+    with pytest.raises(UserError, match="is not a finished run folder"):
+        calibrate_main([str(tmp_path), "--out", str(out)])
 
 
 @pytest.mark.parametrize("policy,how", [

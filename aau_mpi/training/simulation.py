@@ -8,10 +8,15 @@ payloads its neighbours deposited (a payload is the sender's x at its
 deposit). The allreduce policy averages the gradients in lock step.
 
 Time is virtual. A compute phase lasts the step time plus the straggler
-model's delay; a deposit into one target takes bytes / bandwidth + latency,
-the targets one after another, and overlaps the sender's next compute as on
-the communication thread; the allreduce baseline waits for the slowest
-worker, then pays a ring allreduce. An event heap ordered by virtual time
+model's delay, or, for a job on an emulated accelerator (`emulate:`), what
+the trainer's EmulatedAccelerator models, with the same jitter draws; after
+the mix and the local step, the iteration's overhead (a calibration's, 0
+without one: aau_mpi.calibrate) passes before the next one starts; a
+deposit into one target takes bytes / bandwidth + latency, the targets one
+after another, and overlaps the sender's next compute as on the
+communication thread; the allreduce baseline waits for the slowest worker,
+then pays the collective (the calibration's, or the faster of a ring and a
+tree allreduce, as NCCL chooses). An event heap ordered by virtual time
 (ties in order of creation) drives the clock, so a run is deterministic
 given the seed and the timing parameters.
 
@@ -41,18 +46,26 @@ POLL_FRACTION = 0.01       # a waiting time-dependent policy is polled every 1 %
 STALL_STEPS = 1000         # nothing but polls for this many step times: a deadlock
 WORKER_CHUNK = 256         # workers per vmapped gradient call (bounds its memory)
 
-LAND, COMPUTED, MIX, POLL, TICK = range(5)   # event kinds
+LAND, COMPUTED, MIX, STEPPED, POLL, TICK = range(6)   # event kinds
 
 
 @dataclass(frozen=True)
 class Timing:
-    """The virtual clock's parameters (config.yaml's `simulation:`, summary's "timing")."""
+    """The virtual clock's parameters (config.yaml's `simulation:`, summary's "timing").
+
+    overhead_seconds: every iteration's cost beyond compute and waiting (mix,
+    local step, control), and collective_seconds: the allreduce baseline's
+    collective (None: modelled from bandwidth and latency), both from a
+    calibration (calibration_from) or 0 / None without one."""
     step_seconds: float
     step_seconds_from: str
     bandwidth_gbs: float
     bandwidth_from: str
     latency_us: float
     payload_bytes: int
+    overhead_seconds: float = 0.0
+    collective_seconds: float = None
+    calibration_from: str = None
 
     @property
     def link_seconds(self):
@@ -60,9 +73,19 @@ class Timing:
         return self.payload_bytes / (self.bandwidth_gbs * 1e9) + self.latency_us * 1e-6
 
     def allreduce_seconds(self, n):
-        """A ring allreduce of the gradient (as many bytes as the payload) over n workers."""
-        return (2 * (n - 1) / n * self.payload_bytes / (self.bandwidth_gbs * 1e9)
-                + 2 * (n - 1) * self.latency_us * 1e-6)
+        """The gradient allreduce (as many bytes as the payload) over n workers: the
+        calibration's, else the faster of a ring (2(n-1) latencies, 2(n-1)/n of the
+        bytes through each link) and a pipelined binary tree (2 log2 n latencies,
+        twice the bytes), as NCCL picks between them by size and n."""
+        if self.collective_seconds is not None:
+            return self.collective_seconds
+        if n == 1:
+            return 0.0
+        transfer = self.payload_bytes / (self.bandwidth_gbs * 1e9)
+        latency = self.latency_us * 1e-6
+        ring = 2 * (n - 1) / n * transfer + 2 * (n - 1) * latency
+        tree = 2 * transfer + 2 * math.ceil(math.log2(n)) * latency
+        return min(ring, tree)
 
     def describe(self, n):
         return {**asdict(self), "link_seconds": self.link_seconds,
@@ -114,8 +137,10 @@ class StackedModel:
 class Worker:
     """One virtual worker: its row of the parameters, optimizer, policy, window, clocks."""
 
-    def __init__(self, rank, policy, straggler, loader, x, gradient, optim, dtype, log):
+    def __init__(self, rank, policy, straggler, loader, x, gradient, optim, dtype, log,
+                 emulator=None):
         self.rank, self.policy, self.straggler, self.loader = rank, policy, straggler, loader
+        self.emulator = emulator  # the trainer's EmulatedAccelerator for this rank, or None
         self.x = x
         x.grad = gradient  # a row of VirtualCluster.gradients, filled by the batched computation
         self.opt = torch.optim.SGD([x], lr=optim.lr, momentum=optim.momentum,
@@ -148,7 +173,7 @@ class VirtualCluster:
     """
 
     def __init__(self, graph, policies, stragglers, loaders, stacked, x0, optim, batch_size,
-                 timing, schedule, learning_rate, logs, progress, evaluate):
+                 timing, schedule, learning_rate, logs, progress, evaluate, emulators=None):
         n = graph.n
         self.graph, self.n, self.stacked, self.optim = graph, n, stacked, optim
         self.batch_size, self.timing, self.schedule = batch_size, timing, schedule
@@ -162,8 +187,10 @@ class VirtualCluster:
         self.losses = np.zeros(n)
         self._mix = torch.empty_like(x0)
         dtype = header_dtype(n)
+        emulators = emulators or [None] * n
         self.workers = [Worker(i, policies[i], stragglers[i], loaders[i], self.parameters[i],
-                               self.gradients[i], optim, dtype, logs[i]) for i in range(n)]
+                               self.gradients[i], optim, dtype, logs[i], emulators[i])
+                        for i in range(n)]
         # Where sender j sits in target t's window: index_in[j][t].
         self.index_in = [{} for _ in range(n)]
         for target in range(n):
@@ -211,6 +238,8 @@ class VirtualCluster:
                 self._computed(worker, at)
             elif kind == MIX:
                 self._mix_and_step(worker, at)
+            elif kind == STEPPED:
+                self._stepped(worker, at, data)
             elif kind == POLL:
                 worker.poll_pending = False
                 if worker.waiting:
@@ -241,10 +270,19 @@ class VirtualCluster:
         self._deposit(worker, now, self.graph.active_out(worker.rank, worker.k), done=False)
         worker.needs_gradient = True
         self.pending.append(worker)
-        step = self.timing.step_seconds
-        worker.delay = worker.straggler.delay(step, now + step)
-        worker.compute = step + worker.delay
+        self._compute_time(worker, now)
         self._push(now + worker.compute, COMPUTED, worker)
+
+    def _compute_time(self, worker, now):
+        """worker.compute (and .delay, the straggler's share of it) for an iteration
+        that starts at `now`."""
+        step = self.timing.step_seconds
+        if worker.emulator is not None:
+            worker.compute = worker.emulator.modelled_seconds(worker.straggler, now)
+            worker.delay = worker.compute - step
+        else:
+            worker.delay = worker.straggler.delay(step, now + step)
+            worker.compute = step + worker.delay
 
     def _deposit(self, worker, now, targets, done):
         """The targets in turn, one link time each, as the communication thread does."""
@@ -314,8 +352,16 @@ class VirtualCluster:
         worker.policy.mixed(used, k)
         scale = worker.policy.step_scale()
         self._local_step(worker, scale)
-        self._count(worker, now, worker.selected_at - worker.computed_at,
-                    now - worker.selected_at, averaged, staleness, scale)
+        done = (worker.selected_at - worker.computed_at, now - worker.selected_at, averaged,
+                staleness, scale)
+        if self.timing.overhead_seconds:
+            self._push(now + self.timing.overhead_seconds, STEPPED, worker, done)
+        else:
+            self._stepped(worker, now, done)
+
+    def _stepped(self, worker, now, done):
+        """The iteration's overhead has passed: count it, serve events, go on or stop."""
+        self._count(worker, now, *done)
         self._announce(now)
         if self.stopped:
             self._stop(worker, now)
@@ -325,14 +371,13 @@ class VirtualCluster:
     def _run_lockstep(self):
         """The allreduce policy: all compute, the slowest sets the pace, then a ring
         allreduce of the gradients and the same step everywhere."""
-        now, step = 0.0, self.timing.step_seconds
-        allreduce = self.timing.allreduce_seconds(self.n)
+        now = 0.0
+        allreduce = self.timing.allreduce_seconds(self.n) + self.timing.overhead_seconds
         while not self.stopped:
             lr = self.learning_rate(self.schedule.progress(self.samples, now))
             for worker in self.workers:
                 worker.lr, worker.needs_gradient = lr, True
-                worker.delay = worker.straggler.delay(step, now + step)
-                worker.compute = step + worker.delay
+                self._compute_time(worker, now)
                 worker.policy.computed(worker.compute)
             self.pending = list(self.workers)
             self._compute_gradients()
@@ -340,7 +385,8 @@ class VirtualCluster:
             self.gradients[:] = self.gradients.sum(0) / self.n
             for worker in self.workers:
                 self._local_step(worker, 1.0)
-                self._count(worker, end, end - now - worker.compute, 0.0, [], [], 1.0)
+                self._count(worker, end, end - now - worker.compute - self.timing.overhead_seconds,
+                            0.0, [], [], 1.0)
             now = end
             self._announce(now)
         for worker in self.workers:
