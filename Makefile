@@ -96,23 +96,23 @@ bench: setup bench-emulated bench-stragglers
 	$(MPIEXEC) -n 2 $(PY) bench/mailbox_bandwidth.py
 
 # Every policy and DDP on an emulated accelerator, one job per rank count
-# (docs/benchmarks.md; about 50 min each here). Run on a quiet machine: a run
+# (docs/benchmarks.md; about 45, 90 and 170 min here), then the simulator,
+# calibrated from each job's logs, against them. Run on a quiet machine: a run
 # with over 5 % of its steps overrun is trained again, then refused.
 EMULATED_RANKS := 8 16 32
 bench-emulated: setup
 	for n in $(EMULATED_RANKS); do $(PY) bench/emulated.py --ranks $$n || exit 1; done
+	$(PY) bench/simulation.py validate
 
 # Every policy and DDP under stragglers on MNIST-1D (4 ranks, then the 8-rank
-# cell at the 4-rank rates), the simulator against both, and its projection to
-# 1024 workers (docs/benchmarks.md). Run on a quiet machine.
+# cell at the 4-rank rates), and the simulator's projection to 1024 workers
+# from its rates (docs/benchmarks.md). Run on a quiet machine.
 STRAGGLER_POLICIES := allreduce dpsgd async fixed_k aau aau_scaled
 bench-stragglers: setup
 	$(PY) bench/stragglers.py --policies $(STRAGGLER_POLICIES)
 	$(PY) bench/stragglers.py --policies $(STRAGGLER_POLICIES) --ranks 8 --partitions two_classes \
 		--settings fixed4 --no-ddp --rates-from bench/results/stragglers.json \
 		--out bench/results/stragglers8
-	$(PY) bench/simulation.py validate --real bench/results/stragglers.json \
-		bench/results/stragglers8/stragglers.json
 	$(PY) bench/simulation.py project
 
 # The soak test at full length: 16 ranks, 300 s per policy (docs/reliability.md).

@@ -25,9 +25,10 @@ size, so every N gets the same epochs.
 2. Evaluation: for each partition, setting and seed, every policy in turn
    (interleaved, so drifting load touches all alike) at its tuned rate.
 
-Writes <out>/n<N>.json (plan, tuning, every run) and the report of
-bench/emulated_report.py (n<N>.md, n<N>_curves.png); the run folders stay
-under --runs, and a relaunch skips the runs already finished.
+Writes <out>/n<N>.json (plan, tuning, every run), the report of
+bench/emulated_report.py (n<N>.md, n<N>_curves.png) and the simulator's
+calibration from the runs' rank logs (calibration-n<N>.json); the run folders
+stay under --runs, and a relaunch skips the runs already finished.
 """
 
 import argparse
@@ -304,6 +305,20 @@ def main(argv=None):
                       "date": benchlib.today(), "machine": benchlib.machine(),
                       "mpi": benchlib.mpi_library()}
     report.write(result, Path(args.out), f"n{args.ranks}")
+    write_calibration(result, Path(args.out) / f"calibration-n{args.ranks}.json")
+
+
+def write_calibration(result, path):
+    """The simulator's calibration (aau_mpi/training/calibration.py) from the rank logs
+    of the evaluated runs of the trainer's policies (not DDP's, a failed or a
+    refused run's); bench/simulation.py validate reads it."""
+    from aau_mpi.training.calibration import calibrate
+
+    folders = [run["folder"] for run in result["runs"] if run["phase"] == "run"
+               and run["policy"] != "ddp" and not run.get("failed") and not run["refused"]]
+    calibration = calibrate(folders)
+    calibration["command"] = result["plan"]["command"]
+    benchlib.write_json(path, calibration)
 
 
 if __name__ == "__main__":

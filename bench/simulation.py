@@ -3,18 +3,21 @@
     python bench/simulation.py validate [--real bench/results/stragglers.json ...] [--jobs 2]
     python bench/simulation.py project [--ranks 16 64 256 1024] [--jobs 2]
 
-validate: every run of the real benchmark's results (bench/stragglers.py) of
-the policies in COMPARED and SUBJECTS is run again in the simulator
-(aau_mpi.simulate):
-the same job, partition, straggler model, seed and learning rate, N virtual
-workers for N ranks, and as the step time the real runs' own measurement
-(the median over that result's runs of one step's compute, the straggler's
-sleep left out). For each cell (partition, setting) it compares the
-time-to-accuracy ratios aau/dpsgd, aau/async and aau/allreduce (and
-aau_scaled's), real against simulated, at the cell's common accuracy: the
-target, or below it the highest multiple of 0.05 that every finished
-compared run of the cell reached (on strongly non-IID shards some policies
-stay far below 0.9 in 20 s). Writes simulation_validation.json and .md.
+validate: every evaluated run of the emulated-accelerator benchmark's
+results (bench/emulated.py, bench/results/emulated/n<N>.json) of the
+policies in VALIDATED is run again in the simulator (aau_mpi.simulate): the
+same job, partition, stragglers, seed and learning rate, N virtual workers
+for N ranks, the job's emulated accelerator as the compute model (the same
+jitter draws), and the calibration fitted from that benchmark's own rank
+logs (calibration-n<N>.json, which bench/emulated.py writes beside its
+results: each policy's per-iteration overhead and the allreduce's collective). For each cell (partition, setting) and
+pair of policies it compares the ratio of their times to the pair's common
+accuracy, real against simulated: the geometric mean over the seeds of the
+per-seed ratios, at the target or below it the highest multiple of
+LEVEL_STEP that every seed of both policies reached, real and simulated
+(none below MIN_LEVEL: the pair is listed as not compared). Writes
+simulation_validation.json (share_within_15pct: the share of compared
+ratios within TOLERANCE) and .md.
 
 project: N = 16 ... 1024 workers on the benchmark's job with a sample budget
 (--epochs, default BUDGET_EPOCHS, of the training set, all workers together) instead of a time
@@ -41,18 +44,21 @@ import multiprocessing
 import time
 from pathlib import Path
 
-import numpy as np
 
 import benchlib
+import emulated
+import emulated_report
 import stragglers
 from benchlib import cell, median
 
+VALIDATED = ("allreduce", "dpsgd", "async", "fixed_k", "aau")
+TOLERANCE = 0.15          # a simulated ratio within 15 % of the real one agrees
+MIN_LEVEL = 0.2           # a common accuracy below twice chance compares nothing
 COMPARED = ("aau", "dpsgd", "async", "allreduce")
 BASELINES = ("dpsgd", "async", "allreduce")
 # Compared with the baselines too where the real result has it: aau with the
 # rate-scaled step (the default before the MNIST-1D benchmark).
 SUBJECTS = ("aau", "aau_scaled")
-AGREEMENT = 0.25          # the simulator's ratio within 25 % of the real one
 LEVEL_STEP = 0.05
 PROJECTED_RANKS = (16, 64, 256, 1024)
 PROJECTED_SETTINGS = ("none", "pareto")
@@ -75,7 +81,7 @@ def simulate(task):
     config = load_config(task["config"], [*task["overrides"], "output.progress=false"])
     started = time.perf_counter()
     try:
-        Simulator(config, task["ranks"], step_seconds=task["step_seconds"]).run()
+        Simulator(config, task["ranks"], **task["options"]).run()
     except UserError as err:
         if not str(err).startswith("training diverged"):
             raise
@@ -117,113 +123,133 @@ def config_path(plan):
 
 # ------------------------------------------------------------------ validate
 
-def validation_tasks(result, runs_dir):
-    plan = {**result["plan"], "runs_dir": str(runs_dir)}
-    step = median(r["step_seconds"] for r in result["runs"] if r["variant"] != "ddp")
+def validation_tasks(path, result, runs_dir):
+    """A simulation of every evaluated run of the emulated benchmark's result at
+    `path`, calibrated by calibration-n<N>.json beside it."""
+    plan = {**result["plan"], "runs_dir": str(runs_dir),
+            "overrides": [*result["plan"]["overrides"], "output.progress=false"]}
+    calibration = Path(path).parent / f"calibration-n{plan['ranks']}.json"
+    if not calibration.is_file():
+        raise SystemExit(f"error: no {calibration}: bench/emulated.py --ranks "
+                         f"{plan['ranks']} writes it beside its results")
     tasks = []
     for run in result["runs"]:
-        if run["variant"] not in COMPARED + SUBJECTS:
+        if run["phase"] != "run" or run["policy"] not in VALIDATED or run.get("refused"):
             continue
-        overrides = stragglers.run_overrides(plan, f"sim{plan['ranks']}", run["partition"],
-                                             run["setting"], run["seed"], run["variant"],
-                                             run["lr"])
-        tasks.append({"config": config_path(plan), "overrides": overrides,
-                      "ranks": plan["ranks"], "step_seconds": step,
-                      "key": {"partition": run["partition"], "setting": run["setting"],
-                              "seed": run["seed"], "variant": run["variant"]}})
-    return step, tasks
+        key = {"partition": run["partition"], "setting": run["setting"], "seed": run["seed"],
+               "policy": run["policy"]}
+        name = emulated.run_name("sim", *key.values(), run["lr"])
+        tasks.append({"config": config_path(plan), "ranks": plan["ranks"],
+                      "overrides": emulated.overrides(plan, name, *key.values(), run["lr"]),
+                      "options": {"calibration": str(calibration)}, "key": key})
+    return calibration, tasks
 
 
 def common_level(runs, target):
-    """The target, or the highest multiple of LEVEL_STEP that every finished run
-    reached (a run that diverged reaches nothing and counts as never reaching it)."""
-    reached = min(max(point[2] for point in run["curve"]) for run in runs
-                  if not run.get("failed"))
+    """The target, or the highest multiple of LEVEL_STEP that every run reached
+    (a diverged run reaches what its evaluations show)."""
+    reached = min(max((point[2] for point in run["curve"]), default=0.0) for run in runs)
     return min(target, math.floor(reached / LEVEL_STEP + 1e-9) * LEVEL_STEP)
 
 
-def cell_times(runs, level):
-    """{policy: median over seeds of the time to `level`} (inf: a seed never reached it)."""
-    times = {}
-    for variant in {r["variant"] for r in runs}:
-        mine = [stragglers.time_to(r["curve"], level) for r in runs if r["variant"] == variant]
-        times[variant] = float(np.median([math.inf if t is None else t for t in mine]))
-    return times
+def geometric_mean_ratio(first, second, level):
+    """Over the seeds: exp(mean log(first's time to `level` / second's))."""
+    logs = [math.log(emulated_report.crossing(a["curve"], level)
+                     / emulated_report.crossing(b["curve"], level))
+            for a, b in zip(first, second)]
+    return math.exp(sum(logs) / len(logs))
 
 
-def compare(real_result, simulated):
-    """One row per (cell, baseline): aau's time ratio, real and simulated, and their agreement."""
-    ranks = real_result["plan"]["ranks"]
-    real = [r for r in real_result["runs"] if r["variant"] in COMPARED + SUBJECTS]
+def compare(result, simulated):
+    """One row per (cell, pair of policies): their time ratio, real and simulated."""
+    ranks, target = result["plan"]["ranks"], result["runs"][0]["target"]
+    real = [r for r in result["runs"] if r["phase"] == "run" and r["policy"] in VALIDATED
+            and not r.get("refused")]
+    by = {}
+    for source, runs in (("real", real), ("simulated", simulated)):
+        for r in runs:
+            by[source, r["partition"], r["setting"], r["policy"], r["seed"]] = r
     rows = []
-    cells = sorted({(r["partition"], r["setting"]) for r in real},
-                   key=lambda c: (real_result["plan"]["partitions"].index(c[0]),
-                                  real_result["plan"]["settings"].index(c[1])))
-    for part, setting in cells:
-        mine = [r for r in real if (r["partition"], r["setting"]) == (part, setting)]
-        sims = [r for r in simulated if (r["partition"], r["setting"]) == (part, setting)]
-        level = common_level(mine, real_result["target"])
-        real_times, sim_times = cell_times(mine, level), cell_times(sims, level)
-        for subject, baseline in itertools.product(SUBJECTS, BASELINES):
-            if subject not in real_times or baseline not in real_times:
+    for part, setting in dict.fromkeys((r["partition"], r["setting"]) for r in real):
+        for first, second in itertools.combinations(VALIDATED, 2):
+            seeds = sorted({r["seed"] for r in real if (r["partition"], r["setting"], r["policy"])
+                            == (part, setting, first)})
+            pick = {(source, policy): [by.get((source, part, setting, policy, seed))
+                                       for seed in seeds]
+                    for source in ("real", "simulated") for policy in (first, second)}
+            row = {"ranks": ranks, "partition": part, "setting": setting,
+                   "pair": [first, second], "seeds": seeds}
+            runs = [r for group in pick.values() for r in group]
+            if not seeds or None in runs:
+                rows.append({**row, "compared": False, "why": "a run is missing"})
                 continue
-            real_ratio = real_times[subject] / real_times[baseline]
-            sim_ratio = sim_times[subject] / sim_times[baseline]
-            error = sim_ratio / real_ratio - 1 if math.isfinite(sim_ratio * real_ratio) else None
-            rows.append({"ranks": ranks, "partition": part, "setting": setting,
-                         "level": level, "subject": subject, "baseline": baseline,
-                         "real_seconds": [real_times[subject], real_times[baseline]],
-                         "simulated_seconds": [sim_times[subject], sim_times[baseline]],
-                         "real_ratio": real_ratio, "simulated_ratio": sim_ratio,
-                         "error": error,
-                         "agrees": error is not None and abs(error) <= AGREEMENT})
+            level = common_level(runs, target)
+            if level < MIN_LEVEL:
+                rows.append({**row, "compared": False, "level": level,
+                             "why": f"no common accuracy of {MIN_LEVEL:g} or more"})
+                continue
+            ratio = {source: geometric_mean_ratio(pick[source, first], pick[source, second],
+                                                  level) for source in ("real", "simulated")}
+            error = ratio["simulated"] / ratio["real"] - 1
+            rows.append({**row, "compared": True, "level": level, "real_ratio": ratio["real"],
+                         "simulated_ratio": ratio["simulated"], "error": error,
+                         "within": abs(error) <= TOLERANCE})
     return rows
 
 
-VALIDATION_HEADERS = ["ranks", "partition", "setting", "accuracy", "ratio", "real (s)",
-                      "real ratio", "simulated (s)", "simulated ratio", "sim / real - 1",
-                      "within 25 %"]
+VALIDATION_HEADERS = ["N", "partition", "setting", "pair", "accuracy", "real ratio",
+                      "simulated ratio", "sim / real - 1", f"within {TOLERANCE:.0%}"]
 
 
 def validation_cells(row):
-    real, sim = row["real_seconds"], row["simulated_seconds"]
-    return [row["ranks"], row["partition"], row["setting"], f"{row['level']:.2f}",
-            f"{row['subject']}/{row['baseline']}", f"{cell(real[0], '.1f')} / {cell(real[1], '.1f')}",
-            cell(row["real_ratio"], ".2f"), f"{cell(sim[0], '.1f')} / {cell(sim[1], '.1f')}",
-            cell(row["simulated_ratio"], ".2f"), cell(row["error"], "+.0%"),
-            "yes" if row["agrees"] else "**no**"]
+    head = [row["ranks"], row["partition"], row["setting"], "/".join(row["pair"])]
+    if not row["compared"]:
+        return head + [cell(row.get("level"), ".2f"), "-", "-", "-", row["why"]]
+    return head + [f"{row['level']:.2f}", f"{row['real_ratio']:.2f}",
+                   f"{row['simulated_ratio']:.2f}", f"{row['error']:+.0%}",
+                   "yes" if row["within"] else "**no**"]
 
 
 def validate(args):
     runs_dir = Path(args.runs).resolve()
-    results, tasks, steps = [], [], {}
-    for path in args.real:
+    results, tasks, calibrations = [], [], {}
+    for path in args.emulated:
         result = json.loads(Path(path).read_text())
-        step, mine = validation_tasks(result, runs_dir)
-        results.append((path, result))
-        steps[str(path)] = step
+        calibration, mine = validation_tasks(path, result, runs_dir)
+        results.append(result)
+        calibrations[result["plan"]["ranks"]] = str(calibration)
         tasks += mine
     simulated = run_all(tasks, args.jobs)
     rows = []
-    for (path, result), step in zip(results, steps.values()):
+    for result in results:
         ranks = result["plan"]["ranks"]
         rows += compare(result, [r for r in simulated if r["ranks"] == ranks])
-    agreed = sum(r["agrees"] for r in rows)
+    compared = [r for r in rows if r["compared"]]
+    within = sum(r["within"] for r in compared)
+    share = within / len(compared) if compared else None
+    per_ranks = {ranks: sum(r["within"] for r in compared if r["ranks"] == ranks)
+                 / max(1, sum(1 for r in compared if r["ranks"] == ranks))
+                 for ranks in calibrations}
     record = {"benchmark": "simulation_validation", "date": benchlib.today(),
-              "machine": benchlib.machine(), "real": [str(p) for p in args.real],
-              "step_seconds": steps, "agreement": AGREEMENT,
-              "agreed": agreed, "compared": len(rows), "rows": rows, "simulated": simulated}
+              "machine": benchlib.machine(), "emulated": [str(p) for p in args.emulated],
+              "calibrations": calibrations, "tolerance": TOLERANCE,
+              "share_within_15pct": share, "share_within_15pct_by_ranks": per_ranks,
+              "within": within, "compared": len(compared),
+              "not_compared": len(rows) - len(compared), "rows": rows, "simulated": simulated}
     out = Path(args.out)
     json_path = benchlib.write_json(out / "simulation_validation.json", record)
-    table = benchlib.markdown_table(VALIDATION_HEADERS, [validation_cells(r) for r in rows])
+    table = [validation_cells(r) for r in rows]
     (out / "simulation_validation.md").write_text(
-        f"# The simulator against the real benchmark ({record['date']})\n\n"
-        f"Real: {', '.join(record['real'])}; step seconds {json.dumps(steps)}. Medians over "
-        f"seeds of the time (training s, virtual s) to the cell's common accuracy. "
-        f"{agreed} of {len(rows)} ratios within {AGREEMENT:.0%}.\n\n{table}")
+        f"# The simulator against the emulated-accelerator benchmark ({record['date']})\n\n"
+        f"`{' '.join(['python bench/simulation.py validate', *map(str, args.emulated)])}`. "
+        f"Per cell and pair of policies, the geometric mean over the seeds of the ratio of "
+        f"their times to the pair's common accuracy, real and simulated (calibrations "
+        f"{json.dumps(calibrations)}). {within} of {len(compared)} compared ratios within "
+        f"{TOLERANCE:.0%} ({len(rows) - len(compared)} pairs not compared).\n\n"
+        + benchlib.markdown_table(VALIDATION_HEADERS, table))
     print()
-    print(benchlib.text_table(VALIDATION_HEADERS, [validation_cells(r) for r in rows]))
-    print(f"{agreed} of {len(rows)} within {AGREEMENT:.0%}; wrote {json_path}")
+    print(benchlib.text_table(VALIDATION_HEADERS, table))
+    print(f"{within} of {len(compared)} within {TOLERANCE:.0%}; wrote {json_path}")
 
 
 # ------------------------------------------------------------------ project
@@ -242,7 +268,7 @@ def projection_tasks(args, real, step, runs_dir):
                                                  best[variant])
             tasks.append({"config": config_path(plan),
                           "overrides": [*overrides, f"optim.scale_lr={scaling}"],
-                          "ranks": ranks, "step_seconds": step,
+                          "ranks": ranks, "options": {"step_seconds": step},
                           "key": {"setting": setting, "variant": variant, "scaling": scaling}})
     return tasks
 
@@ -407,9 +433,13 @@ def project(args):
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("action", choices=["validate", "project"])
+    parser.add_argument("--emulated", nargs="+",
+                        default=sorted(str(p) for p in (benchlib.RESULTS / "emulated")
+                                       .glob("n*.json")),
+                        help="validate: results of bench/emulated.py, each simulated again")
     parser.add_argument("--real", nargs="+", default=[str(benchlib.RESULTS / "stragglers.json")],
-                        help="real results of bench/stragglers.py (validate: each is "
-                             "simulated; project: the first gives the rates)")
+                        help="project: the 4-rank results of bench/stragglers.py that give "
+                             "the rates")
     parser.add_argument("--ranks", type=int, nargs="+", default=list(PROJECTED_RANKS),
                         help="project: the numbers of workers")
     parser.add_argument("--epochs", type=float, default=BUDGET_EPOCHS,

@@ -30,7 +30,8 @@ FULL = {
     "budget": {"samples": 100000, "seconds": 600.0},
     "stragglers": {"name": "fixed", "ranks": [1, 2], "slowdown": 3.0},
     "emulate": {"step_seconds": 0.05, "jitter": 0.1},
-    "eval": {"every_seconds": 5.0, "max_samples": 2000, "target_accuracy": 0.9},
+    "eval": {"every_seconds": 5.0, "max_samples": 2000, "target_accuracy": 0.9,
+             "rank_models": False},
     "checkpoint": {"enabled": False, "every_iterations": 100, "keep": 3},
     "watchdog": {"seconds": 30.0, "action": "warn"},
     "mailbox": {"checksum": True, "overlap": "inline"},
@@ -362,7 +363,7 @@ SCALAR_FIELDS = ["name", "seed", "device", "policy.name", "policy.tau", "policy.
                  "optim.nesterov", "optim.warmup", "optim.schedule", "optim.schedule.factor",
                  "optim.schedule.milestones", "budget.epochs", "budget.samples",
                  "budget.seconds", "stragglers.name", "eval.every_seconds", "eval.max_samples",
-                 "eval.target_accuracy", "checkpoint.enabled", "checkpoint.every_seconds",
+                 "eval.target_accuracy", "eval.rank_models", "checkpoint.enabled", "checkpoint.every_seconds",
                  "checkpoint.every_iterations", "checkpoint.keep", "output.dir", "output.trace",
                  "policy", "optim", "budget"]
 
