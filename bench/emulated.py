@@ -311,14 +311,20 @@ def main(argv=None):
 def write_calibration(result, path):
     """The simulator's calibration (aau_mpi/training/calibration.py) from the rank logs
     of the evaluated runs of the trainer's policies (not DDP's, a failed or a
-    refused run's); bench/simulation.py validate reads it."""
+    refused run's) whose folders are still here (a benchmark resumed in another
+    checkout from its records has only its own); bench/simulation.py validate
+    reads it."""
     from aau_mpi.training.calibration import calibrate
 
-    folders = [run["folder"] for run in result["runs"] if run["phase"] == "run"
-               and run["policy"] != "ddp" and not run.get("failed") and not run["refused"]]
+    runs = [run for run in result["runs"] if run["phase"] == "run" and run["policy"] != "ddp"
+            and not run.get("failed") and not run["refused"]]
+    folders = [run["folder"] for run in runs if (Path(run["folder"]) / "summary.json").is_file()]
     calibration = calibrate(folders)
     calibration["command"] = result["plan"]["command"]
     benchlib.write_json(path, calibration)
+    elsewhere = " (the rest ran in another checkout)" if len(folders) < len(runs) else ""
+    print(f"calibration of the simulator from {len(folders)} of the {len(runs)} runs' "
+          f"logs{elsewhere}: {path}", flush=True)
 
 
 if __name__ == "__main__":

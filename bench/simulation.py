@@ -149,7 +149,8 @@ def common_level(runs, target):
     """The target, or the highest multiple of LEVEL_STEP that every run reached
     (a diverged run reaches what its evaluations show)."""
     reached = min(max((point[2] for point in run["curve"]), default=0.0) for run in runs)
-    return min(target, math.floor(reached / LEVEL_STEP + 1e-9) * LEVEL_STEP)
+    # rounded: 6 x 0.05 is 0.30000000000000004, which a curve at 0.3 never reaches
+    return min(target, round(math.floor(reached / LEVEL_STEP + 1e-9) * LEVEL_STEP, 9))
 
 
 def geometric_mean_ratio(first, second, level):
