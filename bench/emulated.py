@@ -33,6 +33,7 @@ stay under --runs, and a relaunch skips the runs already finished.
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -56,6 +57,7 @@ SAMPLES_PER_RANK = 2500     # 2,000 train + 500 test
 MAX_OVERRUN = 0.05
 PARETO_CAP = 20             # steps: uncapped, one draw in 10^5 stalls a rank for minutes
 ATTEMPTS = 3                # a run refused for overruns is trained again, this often at most
+ENDED_JOB = "ended-its-job"  # the mark of a run folder whose run ended its MPI job
 QUICK = {"seeds": [0], "settings": ["one_4x"], "partitions": ["dirichlet"],
          "overrides": ["budget.seconds=2"], "lrs": [0.05, 0.1]}
 
@@ -101,6 +103,15 @@ def overrides(plan, name, part, setting, seed, policy, lr):
             f"stragglers={json.dumps(straggler_section(setting, ranks, seed))}"]
 
 
+def mark_ended_runs(runs_dir):
+    """After a job that ended with an error: every run folder without a summary (the
+    run that ended it) gets ENDED_JOB, so that the relaunch counts it as failed."""
+    for folder in Path(runs_dir).iterdir():
+        if folder.is_dir() and folder.name != "records" and not (
+                folder / "summary.json").is_file():
+            (folder / ENDED_JOB).touch()
+
+
 def next_rate(grid, records, policy):
     """The rate to try next for `policy` (None when its best is inside the grid or
     the grid has grown MAX_EXTENSIONS beyond the starting one)."""
@@ -135,9 +146,10 @@ class Worker:
         """Collective: one run, or the record an earlier job left; rank 0 returns it.
 
         A run refused for overruns is trained again, up to ATTEMPTS times (a
-        passing load); a run whose folder exists without a record ended an
-        earlier job (the trainer's one-line error: a non-finite loss, or the
-        watchdog): it counts as failed."""
+        passing load); a run whose folder holds ENDED_JOB ended an earlier job
+        (the trainer's one-line error: a non-finite loss, or the watchdog): it
+        counts as failed; a folder without a record or that mark is a run that
+        a stopped benchmark left unfinished: it is trained again."""
         from aau_mpi.training.config_loading import load_config
         plan, comm = self.plan, self.comm
         name = run_name(phase, part, setting, seed, policy, lr)
@@ -151,9 +163,12 @@ class Worker:
                                  part, setting, seed, policy, lr)
                 config = load_config(plan["config"], args)
                 folder = benchlib.run_folder(config)
-                if comm.bcast(folder.is_dir() if comm.rank == 0 else None, root=0):
+                if comm.bcast((folder / ENDED_JOB).is_file() if comm.rank == 0 else None,
+                              root=0):
                     record = self.failed(config) if comm.rank == 0 else None
                     break
+                if comm.rank == 0 and folder.is_dir():
+                    shutil.rmtree(folder)  # unfinished when the benchmark was stopped
                 record = (self.ddp(config, folder) if policy == "ddp"
                           else self.trainer(config, args))
                 if comm.rank == 0:
@@ -298,6 +313,7 @@ def main(argv=None):
         except SystemExit:
             if sum(1 for _ in runs_dir.glob("*/config.yaml")) == before:
                 raise
+            mark_ended_runs(runs_dir)
             print("the job ended in a run (above): launching again; that run counts as "
                   "failed", flush=True)
     result = json.loads((runs_dir / "result.json").read_text())

@@ -77,7 +77,8 @@ def run_line(record):
     return (f"{record['phase']:4} {record['partition']:10} {record['setting']:10} "
             f"seed {record['seed']:<3} {record['policy']:9} lr {record['lr']:<6g} accuracy "
             f"{cell(record['accuracy'], '.3f')}  target at {cell(reached, '.2f')} s  "
-            f"{record['samples_per_second']:,.0f} samples/s  overrun {record['overrun']:.1%}"
+            f"{cell(record['samples_per_second'], ',.0f')} samples/s  "
+            f"overrun {cell(record['overrun'], '.1%')}"
             + ("  REFUSED (over 5 % of steps overran)" if record["refused"] else "")
             + ("  FAILED (ended its job: diverged or stalled)" if record.get("failed") else ""))
 

@@ -161,6 +161,27 @@ def test_emulated_quick(tmp_path):
     assert "| N | partition |" in (out / "simulation_validation.md").read_text()
 
 
+def test_after_a_job_ends_in_a_run_only_unfinished_folders_are_marked(tmp_path):
+    # Marked: failed on the relaunch. Unmarked and without a record: trained again.
+    for name, files in (("finished", ["summary.json"]), ("ended", ["config.yaml"]),
+                        ("records", [])):
+        (tmp_path / name).mkdir()
+        for file in files:
+            (tmp_path / name / file).write_text("{}")
+    emulated.mark_ended_runs(tmp_path)
+    assert [f.parent.name for f in tmp_path.glob(f"*/{emulated.ENDED_JOB}")] == ["ended"]
+
+
+def test_a_failed_runs_line_says_so_without_the_numbers_it_never_had():
+    # A run that ended its job left no evaluation: printing it ended the benchmark.
+    failed = {"phase": "tune", "partition": "dirichlet", "setting": "none", "seed": 100,
+              "policy": "dpsgd", "lr": 0.2, "target": 0.6, "curve": [], "accuracy": None,
+              "samples_per_second": None, "overrun": 0.0, "refused": False, "failed": True}
+    line = emulated_report.run_line(failed)
+    assert "accuracy -" in line and "- samples/s" in line and line.endswith(
+        "FAILED (ended its job: diverged or stalled)")
+
+
 def test_the_crossing_is_interpolated_between_the_evaluations_around_it():
     curve = [[0.25, 100, 0.4, 1.0], [0.5, 200, 0.5, 0.9], [0.75, 300, 0.7, 0.8]]
     assert emulated_report.crossing(curve, 0.6) == pytest.approx(0.625)
