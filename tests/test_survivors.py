@@ -143,6 +143,61 @@ def test_with_abort_a_killed_rank_ends_the_job_under_ulfm(tmp_path):
     generations_verify(folder)
 
 
+REVOKED_MID_COLLECTIVE = """
+import time
+from mpi4py import MPI
+from aau_mpi.comm.survivors import LossDetector, errors_return, explained_by_loss
+world = errors_return(MPI.COMM_WORLD)
+detector = LossDetector(world)
+rank, size = world.Get_rank(), world.Get_size()
+classes, unexplained = [], 0
+for trial in range(40):  # the last rank revokes while the others enter an Ibarrier, staggered
+    comm = errors_return(world.Dup())
+    world.Barrier()
+    if rank == size - 1:
+        time.sleep(0.02)
+        comm.Revoke()
+    else:
+        time.sleep(0.001 * ((3 * rank + trial) % 40))
+        try:
+            request = comm.Ibarrier()
+            while not request.Test():
+                pass
+        except MPI.Exception as error:
+            classes.append(error.Get_error_class())
+            unexplained += not explained_by_loss(error, [comm], detector, grace=0)
+    world.Barrier()
+own_error = None  # an error of its own, nothing revoked, nobody lost: not a loss
+try:
+    world.Send(bytearray(1), dest=size + 1)
+except MPI.Exception as error:
+    own_error = explained_by_loss(error, [world], detector, grace=0.2)
+revoked = sum(c == MPI.ERR_REVOKED for c in classes)
+print(f"rank {rank}: revoked {revoked} other {len(classes) - revoked} unexplained {unexplained} "
+      f"own error explained {own_error}", flush=True)
+"""
+
+
+@launcher_required()
+@ulfm_required
+def test_a_revocation_that_a_nonblocking_collective_reports_as_another_error_is_a_loss(tmp_path):
+    """Open MPI's Ibarrier on a communicator revoked between two rounds of its
+    schedule fails with MPI_ERR_OTHER, not MPI_ERR_REVOKED (it hung the survivor
+    test above in CI: the rank ended with that error, the others waited for it).
+    Every such error is read as the loss; an error of a rank's own is not."""
+    script = tmp_path / "revoked.py"
+    script.write_text(REVOKED_MID_COLLECTIVE)
+    result = subprocess.run([str(MPIEXEC), *ULFM, "-n", "8", sys.executable, str(script)],
+                            env=ENV, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [line for line in result.stdout.splitlines() if line.startswith("rank ")]
+    assert len(lines) == 8, result.stdout
+    counts = [[int(word) for word in line.split()[3:8:2]] for line in lines]
+    assert sum(other for _, other, _ in counts) > 0, f"the disguised error was not seen: {lines}"
+    assert all(unexplained == 0 for _, _, unexplained in counts), lines
+    assert all(line.endswith("own error explained False") for line in lines), lines
+
+
 METRICS_ACROSS_A_LOSS = """
 import os, signal, sys, time, torch, aau_mpi
 ctx = aau_mpi.init()

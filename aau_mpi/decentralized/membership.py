@@ -26,7 +26,7 @@ from aau_mpi.algorithms.policies import build_policy
 from aau_mpi.algorithms.schedule import Schedule
 from aau_mpi.comm.depositor import Depositor, use_thread
 from aau_mpi.comm.mailbox import Mailbox
-from aau_mpi.comm.survivors import (LossDetector, RankLost, is_rank_loss, revoke, shrink,
+from aau_mpi.comm.survivors import (LossDetector, explained_by_loss, revoke, shrink,
                                     ulfm_available)
 from aau_mpi.base.errors import UserError
 from aau_mpi.decentralized.collectives import wait_for
@@ -87,6 +87,11 @@ class Membership:
         """Between polls in a collective: a lost rank, then the watchdog."""
         self.check_for_loss()
         self.watchdog.waiting(what)
+
+    def explains(self, error):
+        """Whether a lost rank explains `error` (an MPI error in disguise included)."""
+        return explained_by_loss(error, (self.comm, self.events_comm, self.job_comm,
+                                         self.metrics.comm, self.base), self.detector)
 
     def wait_all(self, request, what):
         """Complete a collective's request; the watchdog ends the job if a rank
@@ -151,7 +156,7 @@ class Survival:
     """Runs the optimizer's actions so that a lost rank is data the step handles.
 
     `run(action, *args)` is True when the action completed. When a rank of the
-    job was lost and the mode is continue, `recover()` rebuilds on the
+    job was lost (`is_loss(error)`: Membership.explains) and the mode is continue, `recover()` rebuilds on the
     survivors and False comes back: the caller decides whether to run its
     action again; in mode abort the loss ends the job with one line.
 
@@ -161,8 +166,8 @@ class Survival:
     skip it: its evaluation point has passed).
     """
 
-    def __init__(self, mode, recover):
-        self.mode, self.recover = mode, recover
+    def __init__(self, mode, recover, is_loss):
+        self.mode, self.recover, self.is_loss = mode, recover, is_loss
         self._depth = 0
 
     def run(self, action, *args):
@@ -174,7 +179,7 @@ class Survival:
             action(*args)
             return True
         except Exception as error:  # noqa: BLE001 (only a lost rank is survived)
-            if not (isinstance(error, RankLost) or is_rank_loss(error)):
+            if not self.is_loss(error):
                 raise
             if self.mode != "continue":
                 raise UserError("a rank of the job was lost: ending the job (faults."

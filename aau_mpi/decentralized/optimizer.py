@@ -127,7 +127,8 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
         self.on_iteration = on_iteration
         self.checkpoints = checkpoints
         self.lost_ranks = []  # {"ranks": original ranks, "time": training seconds, ...} per loss
-        self._survival = Survival(self.on_rank_loss, self._recover)
+        self._survival = Survival(self.on_rank_loss, self._recover,
+                                  lambda error: self.membership.explains(error))
         self._abandoned = []  # (membership, exchange) that lost a rank, kept unfreed
 
         self.params = FlatParameters(model)
