@@ -31,6 +31,14 @@ def test_fixed_delays_listed_ranks_only():
     assert build_straggler("fixed", 0, 4).describe() == "fixed: ranks [1] 4x slower"
 
 
+def test_fixed_takes_one_slowdown_per_listed_rank():
+    params = {"ranks": [3, 1], "slowdown": [8, 2.5]}
+    assert [build_straggler("fixed", rank, 4, params).delay(0.1, 0) for rank in range(4)] \
+        == pytest.approx([0.0, 0.15, 0.0, 0.7])
+    assert build_straggler("fixed", 0, 4, params).describe() == \
+        "fixed: rank 1 2.5x, rank 3 8x slower"
+
+
 def test_random_reproducible_per_seed_and_rank():
     params = {"probability": 0.5, "seed": 7}
     a = delays(build_straggler("random", 2, 4, params), 200)
@@ -83,6 +91,9 @@ def test_shifting_set_constant_within_a_window():
 
 @pytest.mark.parametrize("name, params, field", [
     ("fixed", {"slowdown": 0.5}, "slowdown"),
+    ("fixed", {"ranks": [1, 2], "slowdown": [2]}, "one factor per rank"),
+    ("fixed", {"ranks": [1, 1], "slowdown": [2, 3]}, "each rank once"),
+    ("fixed", {"ranks": [1], "slowdown": [0.5]}, "slowdown"),
     ("fixed", {"slowdown": "fast"}, "slowdown"),
     ("fixed", {"ranks": [5]}, "ranks"),
     ("fixed", {"ranks": 1}, "ranks"),

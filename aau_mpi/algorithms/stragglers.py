@@ -8,7 +8,9 @@ place that does (time.sleep costs no CPU). Every model has a one-line
 
 Models (build with `build_straggler(name, rank, world_size, params)`):
   none      never delays.
-  fixed     ranks=[1], slowdown=4.0: listed ranks sleep (slowdown-1) x step.
+  fixed     ranks=[1], slowdown=4.0: listed ranks sleep (slowdown-1) x step;
+            slowdown may be a list, one factor per listed rank, in their order
+            (e.g. a tenth of the ranks 2-8x slower).
   random    probability=0.1, distribution="exponential"|"pareto", scale=0.01,
             shape=2.0, seed=0, ranks=None (all), relative=False, cap=None:
             each step, with probability p, an extra delay ~ Exp(mean=scale)
@@ -76,15 +78,20 @@ class NoStraggler(Straggler):
 
 
 class FixedStraggler(Straggler):
-    def __init__(self, rank, ranks, slowdown):
-        self.ranks, self.slowdown = ranks, slowdown
-        self.slow = rank in ranks
+    """factors: {rank: slowdown} of the slow ranks."""
+
+    def __init__(self, rank, factors):
+        self.factors = factors
+        self.slowdown = factors.get(rank, 1.0)
 
     def delay(self, step_seconds, now):
-        return (self.slowdown - 1.0) * step_seconds if self.slow else 0.0
+        return (self.slowdown - 1.0) * step_seconds
 
     def describe(self):
-        return f"fixed: ranks {self.ranks} {self.slowdown:g}x slower"
+        ranks = sorted(self.factors)
+        if len(set(self.factors.values())) == 1:
+            return f"fixed: ranks {ranks} {self.factors[ranks[0]]:g}x slower"
+        return "fixed: " + ", ".join(f"rank {r} {self.factors[r]:g}x" for r in ranks) + " slower"
 
 
 class RandomStraggler(Straggler):
@@ -160,8 +167,16 @@ def _none(rank, world_size):
 
 @STRAGGLERS.register("fixed")
 def _fixed(rank, world_size, ranks=(1,), slowdown=4.0):
-    return FixedStraggler(rank, _ranks(ranks, world_size),
-                          checks.number(_field("slowdown"), slowdown, 1))
+    listed = _ranks(ranks, world_size)
+    if isinstance(slowdown, (list, tuple)):
+        if len(slowdown) != len(ranks) or len(listed) != len(ranks):
+            raise UserError(f"stragglers.slowdown lists {len(slowdown)} factors for "
+                            f"stragglers.ranks {list(ranks)}: give one factor per rank, each "
+                            f"rank once (or one number for all)")
+        factors = [checks.number(_field("slowdown"), f, 1) for f in slowdown]
+        return FixedStraggler(rank, dict(zip((int(r) for r in ranks), factors)))
+    factor = checks.number(_field("slowdown"), slowdown, 1)
+    return FixedStraggler(rank, dict.fromkeys(listed, factor))
 
 
 @STRAGGLERS.register("random")
