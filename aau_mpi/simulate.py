@@ -21,7 +21,8 @@ mailbox benchmark's (BANDWIDTH_RESULTS) or --bandwidth-gbs; the latency
 --payload-bytes (a small model trained for its statistics, carrying a large
 one's communication); each iteration's overhead and the allreduce's cost
 from --calibration (aau_mpi.calibrate's file: the group of the job's policy
-at the nearest number of ranks).
+at the nearest number of ranks; its allreduce cost only for the model's own
+bytes: with --payload-bytes the bandwidth model prices the collective).
 
 The run folder is the trainer's (aau_mpi.training.runlog): config.yaml (plus a
 `simulation:` section), rank-NNNNN.jsonl, eval.jsonl, summary.json (plus
@@ -180,7 +181,8 @@ class Simulator:
             step_from = (f"measured: median of {TIMED_STEPS} steps, "
                          f"{torch.get_num_threads()} thread(s)")
         x0 = torch.nn.utils.parameters_to_vector(self.model.parameters()).detach()
-        if payload_bytes is None:
+        own_bytes = payload_bytes is None
+        if own_bytes:
             payload_bytes = x0.numel() * x0.element_size()
         if bandwidth_gbs is None:
             bandwidth_gbs, bandwidth_from = measured_bandwidth(payload_bytes)
@@ -189,7 +191,9 @@ class Simulator:
         calibrated = {}
         if calibration is not None:
             group, where = load_calibration(calibration, config.policy.name, n)
-            collective = group.get("collective_seconds")
+            # The collective was measured carrying the model's own bytes; another
+            # payload's is the bandwidth model's.
+            collective = group.get("collective_seconds") if own_bytes else None
             calibrated = {"overhead_seconds": group["overhead_seconds"]["mean"],
                           "collective_seconds": collective["mean"] if collective else None,
                           "calibration_from": where}

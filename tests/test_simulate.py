@@ -182,6 +182,17 @@ def test_a_calibration_adds_its_overhead_to_every_iteration_and_its_collective(t
             assert np.diff(times) == pytest.approx(iteration)
 
 
+def test_with_another_payload_the_calibrated_collective_gives_way_to_the_bandwidth_model(
+        tmp_path):
+    config = config_from_dict(BASE, overrides=["policy.name=allreduce"])
+    simulator = Simulator(config, 4, step_seconds=STEP, payload_bytes=100e6, bandwidth_gbs=25,
+                          latency_us=5, folder=tmp_path / "run",
+                          calibration=write_calibration(tmp_path / "calibration.json"))
+    assert simulator.timing.overhead_seconds == 0.002, "the overhead is still the calibration's"
+    assert simulator.timing.collective_seconds is None
+    assert simulator.timing.allreduce_seconds(4) == pytest.approx(1.5 * 0.004 + 6 * 5e-6)
+
+
 def test_a_calibration_without_the_jobs_policy_is_refused_naming_what_it_has(tmp_path):
     calibration = write_calibration(tmp_path / "calibration.json")
     with pytest.raises(UserError, match="has no dpsgd runs .it has allreduce, async.: "
