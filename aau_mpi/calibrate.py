@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from aau_mpi.base.errors import UserError
+from aau_mpi.base.errors import exit_status
 from aau_mpi.training.calibration import calibrate
 
 
@@ -39,12 +39,7 @@ def main(argv=None):
 
 
 def cli():
-    """A UserError is one line on stderr and exit status 2."""
-    try:
-        sys.exit(main())
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(exit_status(main))
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ import yaml
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from aau_mpi.base.errors import UserError
+from aau_mpi.base.errors import UserError, exit_status
 
 ROLLING_WINDOW = 20  # iterations per point in neighbours.png: smooths the 0/1/2 jitter
 RANK_FILE = re.compile(r"rank-(\d+)\.jsonl")
@@ -314,12 +314,7 @@ def main(argv=None):
 
 
 def cli():
-    """Console entry point: a UserError is one line on stderr and exit status 2."""
-    try:
-        main()
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(exit_status(main))
 
 
 if __name__ == "__main__":

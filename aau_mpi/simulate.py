@@ -52,7 +52,7 @@ from aau_mpi.algorithms.emulation import EmulatedAccelerator
 from aau_mpi.algorithms.policies import build_policy
 from aau_mpi.algorithms.stragglers import build_straggler
 from aau_mpi.algorithms.topology import load_topology
-from aau_mpi.base.errors import UserError, section
+from aau_mpi.base.errors import UserError, exit_status, section
 from aau_mpi.training.calibration import load_calibration
 from aau_mpi.training.config_loading import load_config
 from aau_mpi.training.datasets import load_dataset
@@ -373,12 +373,7 @@ def main(argv=None):
 
 
 def cli():
-    """A UserError is one line on stderr and exit status 2."""
-    try:
-        sys.exit(main())
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(exit_status(main))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import numpy as np
 
 from aau_mpi.algorithms.graphs import MIXING_KINDS
 from aau_mpi.algorithms.topology import load_topology
-from aau_mpi.base.errors import UserError
+from aau_mpi.base.errors import UserError, exit_status
 
 
 def report(graph, mixing):
@@ -70,18 +70,14 @@ def main(argv=None):
                         help="mixing weights (default: metropolis, uniform when directed)")
     parser.add_argument("--png", help="also draw the graph into this PNG file")
     args = parser.parse_args(argv)
-    try:
-        graph = load_topology(args.source, args.n)
-        mixing = args.mixing or ("uniform" if graph.directed else "metropolis")
-        print(report(graph, mixing))
-        if args.png:
-            draw_png(graph, args.png)
-            print(f"wrote {args.png}")
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    graph = load_topology(args.source, args.n)
+    mixing = args.mixing or ("uniform" if graph.directed else "metropolis")
+    print(report(graph, mixing))
+    if args.png:
+        draw_png(graph, args.png)
+        print(f"wrote {args.png}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_status(main))

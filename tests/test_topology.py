@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from aau_mpi.base.errors import UserError
 from aau_mpi.algorithms.graphs import GENERATORS, Graph, generate
 from aau_mpi.algorithms.topology import load_topology
+from aau_mpi.base.errors import exit_status
 from aau_mpi.topology import main
 
 REPO = Path(__file__).resolve().parent.parent
@@ -430,7 +431,7 @@ def test_cli_directed_defaults_to_uniform_and_draws_arrows(tmp_path, capsys):
     assert main([str(path), "-n", "8", "--png", str(png)]) == 0
     assert "(uniform mixing)" in capsys.readouterr().out
     assert png.read_bytes().startswith(b"\x89PNG")
-    assert main([str(path), "-n", "8", "--mixing", "metropolis"]) == 2
+    assert exit_status(main, [str(path), "-n", "8", "--mixing", "metropolis"]) == 2
     assert "metropolis mixing needs an undirected graph" in capsys.readouterr().err
 
 
@@ -440,7 +441,7 @@ def test_cli_directed_defaults_to_uniform_and_draws_arrows(tmp_path, capsys):
     (["random_regular", "-n", "7"], "n*degree even"),
 ])
 def test_cli_errors_exit_2_with_one_line(argv, fragment, capsys):
-    assert main(argv) == 2
+    assert exit_status(main, argv) == 2
     captured = capsys.readouterr()
     assert captured.err.startswith("error: ") and fragment in captured.err
     assert captured.err.count("\n") == 1 and "Traceback" not in captured.err
@@ -450,7 +451,7 @@ def test_cli_png_without_matplotlib(tmp_path, capsys, monkeypatch):
     for module in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
         monkeypatch.delitem(sys.modules, module)
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes the import fail
-    assert main(["ring", "-n", "4", "--png", str(tmp_path / "x.png")]) == 2
+    assert exit_status(main, ["ring", "-n", "4", "--png", str(tmp_path / "x.png")]) == 2
     assert "--png needs matplotlib: pip install matplotlib" in capsys.readouterr().err
 
 
