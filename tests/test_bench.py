@@ -20,6 +20,7 @@ sys.path.insert(0, str(REPO / "bench"))
 
 import emulated  # noqa: E402  (bench/ is not a package)
 import emulated_report  # noqa: E402
+import projection  # noqa: E402
 import simulation  # noqa: E402
 import stragglers  # noqa: E402
 from aau_mpi.algorithms.topology import load_topology  # noqa: E402
@@ -240,37 +241,61 @@ def test_the_rate_grid_grows_past_an_edge_until_the_best_is_inside():
     assert emulated_report.best_rates(tuned + low) == {"aau": 0.4, "dpsgd": 0.1}
 
 
-def synthetic_real_result(path):
-    """A straggler-benchmark result of one cell (two_classes, none; 4 ranks, seed 0)
-    at a quick size, as bench/stragglers.py writes it: what the projection's rates
-    come from."""
-    plan = {"config": "bench/stragglers.yaml", "ranks": 4, "partitions": ["two_classes"],
-            "settings": ["none"], "seeds": [0], "variants": list(simulation.COMPARED),
-            "overrides": ["budget.seconds=0.3", "eval.every_seconds=0.05"], "tau": 4,
-            "gamma": 0.0}
-    runs = [{"partition": "two_classes", "setting": "none", "seed": 0, "variant": variant,
-             "lr": 0.1, "step_seconds": 0.004,
-             "curve": [[0.1, 100, 0.15, 2.0], [0.2, 200, 0.25 + i / 100, 1.9]]}
-            for i, variant in enumerate(simulation.COMPARED)]
-    path.write_text(json.dumps({"plan": plan, "target": 0.9, "runs": runs,
-                                "best_lr": {"dirichlet": {v: 0.1 for v in plan["variants"]}}}))
-    return path
-
-
 @pytest.mark.long
-def test_simulation_project_quick(tmp_path):
-    """The projection simulates every policy and setting at each N."""
-    real = synthetic_real_result(tmp_path / "real.json")
-    out = tmp_path / "out"
-    run_bench("simulation.py", "project", "--real", real, "--ranks", 8, "--epochs", 0.3,
-              "--step-seconds", 0.004, "--runs", tmp_path / "p", "--out", out, timeout=400)
+@pytest.mark.timeout(400)  # about 20 simulations of 4 workers in 2 processes: 60 s here
+def test_projection_quick(tmp_path):
+    """Tuning extends each policy's grid until its best rate is inside; every profile,
+    setting and policy is simulated and reported; a relaunch simulates nothing again."""
+    out, runs = tmp_path / "out", tmp_path / "runs"
+    calibration = tmp_path / "calibration.json"
+    calibration.write_text(json.dumps({"groups": [
+        {"policy": policy, "ranks": 8, "runs": 1, "overhead_seconds": {"mean": 0.001}}
+        for policy in projection.POLICIES]}))
+    args = ["--quick", "--calibration", calibration, "--runs", runs, "--out", out]
+    run_bench("projection.py", *args, timeout=350)
     record = json.loads((out / "simulation_projection.json").read_text())
-    assert {(r["setting"], r["variant"], r["scaling"]) for r in record["rows"]} == {
-        *((s, v, "sqrt") for s in simulation.PROJECTED_SETTINGS for v in simulation.COMPARED),
-        ("none", "aau", "none")}
-    assert all(r["ranks"] == 8 and r["iterations"] > 0 for r in record["rows"])
-    assert len(record["straggler_ratios"]) == 2 * len(simulation.BASELINES)
+    assert {(r["profile"], r["setting"], r["policy"], r["ranks"]) for r in record["rows"]} == {
+        (profile, "slow_tenth", policy, 4) for profile in projection.PROFILES
+        for policy in projection.POLICIES}
+    for policy in projection.POLICIES:
+        tried = sorted(t["lr"] for t in record["tuning"] if t["policy"] == policy)
+        best = record["best_lr"]["4"][policy]
+        assert tried[0] < best < tried[-1] or len(tried) == 2 + emulated.MAX_EXTENSIONS, tried
+    assert all(r["ranks"] == 4 and r["iterations"] for r in record["runs"])
+    assert (out / "simulation_projection.md").read_text().count("slow_tenth") == 10
     assert_png(out / "simulation_projection.png")
+    again = run_bench("projection.py", *args, timeout=350)
+    assert "virtual s (" not in again.stdout, "every run folder was read, none simulated"
+
+
+def test_a_tenth_of_the_workers_is_slow_spread_over_the_ranks_2_to_8x():
+    section = projection.straggler_section("slow_tenth", 64, seed=0)
+    assert len(section["ranks"]) == 6 and section["ranks"] == sorted(set(section["ranks"]))
+    assert max(section["ranks"]) < 64 and min(section["ranks"]) > 0
+    assert section["slowdown"][0] == 2 and section["slowdown"][-1] == 8
+    assert projection.straggler_section("slow_tenth", 4, seed=0)["ranks"] == [2]
+
+
+def test_projection_rows_give_the_seeds_range_only_where_every_seed_reached():
+    def record(seed, accuracies, failed=False):
+        curve = [[0.1 * i, 1000 * i, a, 1.0] for i, a in enumerate(accuracies, 1)]
+        return {"profile": "ethernet", "setting": "none", "policy": "aau", "ranks": 16,
+                "lr": 0.2, "seed": seed, "target": 0.9, "curve": curve,
+                "accuracy": None if failed else accuracies[-1], "seconds": 0.1 * len(curve),
+                "wait_share": None if failed else [0.1, 0.3],
+                **({"failed": True} if failed else {})}
+
+    both = projection.cell_row([record(0, [0.5, 0.9]), record(1, [0.5, 0.8, 0.95])])
+    assert both["reached"] == 2
+    # interpolated: 0.8 at 2,000 samples, 0.95 at 3,000 -> 0.9 at 2,667
+    assert both["samples_to_target"] == pytest.approx({"mean": 7000 / 3, "low": 2000,
+                                                       "high": 8000 / 3})
+    assert both["samples_to_target_per_worker"]["mean"] == pytest.approx(7000 / 3 / 16)
+    one_diverged = projection.cell_row([record(0, [0.5, 0.95]), record(1, [0.1], failed=True)])
+    assert one_diverged["reached"] == 1 and one_diverged["diverged"] == 1
+    assert one_diverged["samples_to_target"]["mean"] is None, "not every seed reached it"
+    cells = projection.table_cells(one_diverged)
+    assert cells[5] == "1/2" and cells[6] == "-" and cells[10] == 1
 
 
 def test_the_common_accuracy_is_the_lowest_best_on_the_grid_capped_by_the_target():
@@ -281,23 +306,6 @@ def test_the_common_accuracy_is_the_lowest_best_on_the_grid_capped_by_the_target
     assert simulation.common_level([run(0.93), run(0.95)], 0.9) == 0.9
     assert simulation.common_level([run(0.65)], 0.9) == pytest.approx(0.65)
     assert simulation.common_level([run(0.3)], 0.9) == 0.3, "a level the curve reaches"
-
-
-def test_projection_rows_count_samples_to_target_and_mark_diverged_runs():
-    def record(ranks, accuracies, failed=False):
-        curve = [[0.1 * i, 1000 * i, a, 1.0] for i, a in enumerate(accuracies, 1)]
-        return {"ranks": ranks, "setting": "none", "variant": "aau", "scaling": "sqrt",
-                "accuracy": accuracies[-1], "curve": curve, "seconds": 0.1 * len(curve),
-                "time_to_target": next((p[0] for p in curve if p[2] >= 0.9), None),
-                "iterations": None if failed else [10, 12], **({"failed": True} if failed else {})}
-
-    finished, diverged = simulation.projection_rows(
-        [record(64, [0.1, 0.1], failed=True), record(16, [0.5, 0.92, 0.95])], 0.9)
-    assert finished["ranks"] == 16 and finished["samples_to_target"] == 2000
-    assert finished["iterations"] == 11 and not finished["diverged"]
-    assert diverged["diverged"] and diverged["iterations"] is None
-    assert diverged["samples_to_target"] is None
-    assert "diverged" in simulation.projection_cells(diverged)[5]
 
 
 def test_validation_compares_each_pairs_ratio_real_against_simulated():

@@ -166,7 +166,9 @@ def _none(rank, world_size):
 
 
 @STRAGGLERS.register("fixed")
-def _fixed(rank, world_size, ranks=(1,), slowdown=4.0):
+def _fixed(rank, world_size, ranks=(1,), slowdown=None):
+    # None stands for 4.0: a float default would make the config reader refuse a list.
+    slowdown = 4.0 if slowdown is None else slowdown
     listed = _ranks(ranks, world_size)
     if isinstance(slowdown, (list, tuple)):
         if len(slowdown) != len(ranks) or len(listed) != len(ranks):
