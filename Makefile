@@ -35,7 +35,7 @@ MPI_PYTEST = timeout -k 10 $(RUN_TIMEOUT) $(MPIEXEC) -n $(1) $(PY) -m mpi4py -m 
 	--with-mpi -m mpi -p no:cacheprovider --color=no -q -rs \
 	--timeout=$(TEST_TIMEOUT) --timeout-method=thread $(2)
 
-.PHONY: setup demo test test-fast test-unit test-scale test-mpi test-mpi-2 test-slurm bench bench-stragglers soak clean
+.PHONY: setup demo test test-fast test-unit test-scale test-mpi test-mpi-2 test-slurm bench bench-emulated bench-projection bench-stragglers soak clean
 
 setup: $(VENV)/.installed
 
@@ -90,7 +90,7 @@ test-slurm: setup
 	AAU_SLURM_TESTS=1 timeout -k 10 1800 $(PY) -m pytest -q --color=no -rs --durations=5 \
 		-p no:cacheprovider --timeout=900 tests/test_slurm.py
 
-bench: setup bench-emulated bench-stragglers
+bench: setup bench-emulated bench-projection bench-stragglers
 	$(PY) bench/scaling.py
 	$(MPIEXEC) -n 2 $(PY) bench/policy_cost.py
 	$(MPIEXEC) -n 2 $(PY) bench/mailbox_bandwidth.py
@@ -104,16 +104,20 @@ bench-emulated: setup
 	for n in $(EMULATED_RANKS); do $(PY) bench/emulated.py --ranks $$n || exit 1; done
 	$(PY) bench/simulation.py validate
 
-# Every policy and DDP under stragglers on MNIST-1D (4 ranks, then the 8-rank
-# cell at the 4-rank rates), and the simulator's projection to 1024 workers
-# from its rates (docs/benchmarks.md). Run on a quiet machine.
+# The simulator's weak scaling to 1024 workers on two hardware profiles, its
+# overhead calibrated by bench-emulated's largest N (docs/simulator.md).
+bench-projection: setup
+	$(PY) bench/projection.py
+
+# The earlier benchmark: every policy and DDP under stragglers on MNIST-1D,
+# 4 ranks sharing the cores, then the 8-rank cell at the 4-rank rates
+# (docs/benchmarks.md, a dated section). Run on a quiet machine.
 STRAGGLER_POLICIES := allreduce dpsgd async fixed_k aau aau_scaled
 bench-stragglers: setup
 	$(PY) bench/stragglers.py --policies $(STRAGGLER_POLICIES)
 	$(PY) bench/stragglers.py --policies $(STRAGGLER_POLICIES) --ranks 8 --partitions two_classes \
 		--settings fixed4 --no-ddp --rates-from bench/results/stragglers.json \
 		--out bench/results/stragglers8
-	$(PY) bench/simulation.py project
 
 # The soak test at full length: 16 ranks, 300 s per policy (docs/reliability.md).
 soak: setup
