@@ -49,6 +49,29 @@ def launch(command, timeout=None, env=None):
         raise SystemExit(f"error: {command[0]} exited with status {result.returncode}")
 
 
+def launch_until_done(command, runs_dir, timeout=None, ended=None):
+    """Launch a benchmark's MPI job of many runs. A run that fails (diverges, or
+    stalls past the watchdog) ends its job with the trainer's one-line error on
+    every rank: launch again, the job skipping the runs already finished, as
+    long as each job gets further (more run folders). `ended(runs_dir)`, if
+    given, marks the run that ended the job, before the relaunch."""
+    def folders():
+        return sum(1 for _ in Path(runs_dir).glob("*/config.yaml"))
+
+    while True:
+        before = folders()
+        try:
+            launch(command, timeout)
+            return
+        except SystemExit:
+            if folders() == before:
+                raise
+            if ended is not None:
+                ended(runs_dir)
+            print("the job ended in a run (above): launching again; that run counts as "
+                  "failed", flush=True)
+
+
 def median_seconds(action, repeats=5):
     """The doctor's timer, shared. Imported when first used: importing the doctor
     starts MPI, which the torchrun (gloo) DDP workers that import this must not."""

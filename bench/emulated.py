@@ -302,20 +302,8 @@ def main(argv=None):
     runs_dir.mkdir(parents=True, exist_ok=True)
     plan_path = benchlib.write_json(runs_dir / "plan.json", plan)
     started = time.perf_counter()
-    # A run that fails (diverges, or stalls past the watchdog) ends its job:
-    # launch again (that run's record says so) as long as each job gets further.
-    while True:
-        before = sum(1 for _ in runs_dir.glob("*/config.yaml"))
-        try:
-            benchlib.launch([benchlib.MPIEXEC, "-n", args.ranks, sys.executable, __file__,
-                             "--worker", plan_path])
-            break
-        except SystemExit:
-            if sum(1 for _ in runs_dir.glob("*/config.yaml")) == before:
-                raise
-            mark_ended_runs(runs_dir)
-            print("the job ended in a run (above): launching again; that run counts as "
-                  "failed", flush=True)
+    benchlib.launch_until_done([benchlib.MPIEXEC, "-n", args.ranks, sys.executable, __file__,
+                                "--worker", plan_path], runs_dir, ended=mark_ended_runs)
     result = json.loads((runs_dir / "result.json").read_text())
     result["plan"] = {**plan, "wall_seconds": round(time.perf_counter() - started),
                       "date": benchlib.today(), "machine": benchlib.machine(),

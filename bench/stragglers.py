@@ -578,20 +578,10 @@ def main(argv=None):
                          "--policies, or pass --no-ddp")
     runs_dir.mkdir(parents=True, exist_ok=True)
     plan_path = benchlib.write_json(runs_dir / "plan.json", plan)
-    # A run that diverges ends its job (the trainer's one-line error on every
-    # rank): launch again, keeping the finished runs and recording that one as
-    # failed, as long as each job gets further.
-    while True:
-        before = sum(1 for _ in runs_dir.glob("*/config.yaml"))
-        try:
-            benchlib.launch([benchlib.MPIEXEC, "-n", args.ranks, sys.executable, __file__,
-                             "--worker", plan_path], args.timeout)
-            break
-        except SystemExit:
-            if sum(1 for _ in runs_dir.glob("*/config.yaml")) == before:
-                raise
-            print("the job ended in a run (above): launching again; that run counts as "
-                  "failed", flush=True)
+    # A folder without a summary is a failed run here (this older benchmark
+    # does not tell a stopped benchmark's unfinished run from one that ended it).
+    benchlib.launch_until_done([benchlib.MPIEXEC, "-n", args.ranks, sys.executable, __file__,
+                                "--worker", plan_path], runs_dir, args.timeout)
     policies = json.loads((runs_dir / "policies.json").read_text())
     ddp = {"runs": []}
     if not args.no_ddp and DDP_SETTING in plan["settings"]:

@@ -23,7 +23,7 @@ from aau_mpi.training.partitions import partition, shard_loader
 from aau_mpi.training.models import build_model
 from aau_mpi.algorithms.policies import POLICIES
 from aau_mpi.simulate import Simulator, cli, main
-from aau_mpi.training.simulation import Timing
+from aau_mpi.training.simulation import Timing, sgd_step
 
 STEP = 0.01          # virtual seconds per step, given: no start-up measurement
 BASE = {"seed": 0, "policy": {"name": "dpsgd"}, "topology": {"name": "ring"},
@@ -143,6 +143,27 @@ def test_bad_input_is_one_line_with_the_fix_and_exit_2(tmp_path, monkeypatch, ca
     assert exit_.value.code == 2
     error = capsys.readouterr().err.strip()
     assert error.startswith("error: ") and "\n" not in error and message in error
+
+
+@pytest.mark.parametrize("momentum, nesterov, weight_decay", [(0.9, False, 0.0),
+                                                                (0.9, True, 1e-3), (0.0, False, 0.0)])
+def test_a_workers_step_is_torchs_sgd_to_the_bit(momentum, nesterov, weight_decay):
+    optim = config_from_dict(BASE, overrides=[f"optim.momentum={momentum}",
+                                              f"optim.nesterov={str(nesterov).lower()}",
+                                              f"optim.weight_decay={weight_decay}"]).optim
+    generator = torch.Generator().manual_seed(0)
+    ours = torch.randn(1000, generator=generator)
+    theirs = torch.nn.Parameter(ours.clone())
+    sgd = torch.optim.SGD([theirs], lr=1.0, momentum=momentum, nesterov=nesterov,
+                          weight_decay=weight_decay)
+    buffer = None
+    for lr in (0.1, 0.05, 0.2, 0.01):
+        gradient = torch.randn(1000, generator=generator)
+        theirs.grad = gradient.clone()
+        sgd.param_groups[0]["lr"] = lr
+        sgd.step()
+        buffer = sgd_step(ours, gradient, buffer, lr, optim)
+        assert torch.equal(ours, theirs.detach())
 
 
 # ---- the emulated accelerator, the calibration, the allreduce model --------------------

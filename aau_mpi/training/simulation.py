@@ -1,8 +1,9 @@
 """The simulator's engine: N virtual workers trained on a virtual clock, one process,
 no MPI (the command that builds a job for it: aau_mpi.simulate; docs/simulator.md).
 
-Each worker steps its own torch SGD on its row of the stacked parameters,
-with the learning-rate schedule on global progress. Each worker's REAL policy
+Each worker steps SGD (torch's, in the same operations: sgd_step) on its
+row of the stacked parameters, with the learning-rate schedule on global
+progress. Each worker's REAL policy
 decides over header snapshots built as the mailbox builds them and mixes the
 payloads its neighbours deposited (a payload is the sender's x at its
 deposit). The allreduce policy averages the gradients in lock step.
@@ -134,6 +135,24 @@ class StackedModel:
         return loss, correct
 
 
+@torch.no_grad()
+def sgd_step(x, gradient, buffer, lr, optim):
+    """torch.optim.SGD's step (its single-tensor path, dampening 0) on one worker's row
+    x, in the same operations, so the same bits, without the optimizer's per-call
+    overhead (most of a worker step's cost at many workers). Returns the momentum
+    buffer, None until the first step with momentum."""
+    if optim.weight_decay:
+        gradient = gradient.add(x, alpha=optim.weight_decay)
+    if optim.momentum:
+        if buffer is None:
+            buffer = torch.clone(gradient).detach()
+        else:
+            buffer.mul_(optim.momentum).add_(gradient)
+        gradient = gradient.add(buffer, alpha=optim.momentum) if optim.nesterov else buffer
+    x.add_(gradient, alpha=-lr)
+    return buffer
+
+
 class Worker:
     """One virtual worker: its row of the parameters, optimizer, policy, window, clocks."""
 
@@ -142,9 +161,8 @@ class Worker:
         self.rank, self.policy, self.straggler, self.loader = rank, policy, straggler, loader
         self.emulator = emulator  # the trainer's EmulatedAccelerator for this rank, or None
         self.x = x
-        x.grad = gradient  # a row of VirtualCluster.gradients, filled by the batched computation
-        self.opt = torch.optim.SGD([x], lr=optim.lr, momentum=optim.momentum,
-                                   weight_decay=optim.weight_decay, nesterov=optim.nesterov)
+        self.gradient = gradient  # a row of VirtualCluster.gradients, filled batched
+        self.optim, self.momentum_buffer = optim, None
         self.in_neighbours = policy.neighbours
         slots = policy.slots_per_neighbour
         # The window as Mailbox.headers() shows it, and the payload behind each slot.
@@ -412,8 +430,8 @@ class VirtualCluster:
                                 f"(now {self.optim.lr:g}) or add optim.warmup")
 
     def _local_step(self, worker, scale):
-        worker.opt.param_groups[0]["lr"] = worker.lr * scale
-        worker.opt.step()
+        worker.momentum_buffer = sgd_step(worker.x, worker.gradient, worker.momentum_buffer,
+                                          worker.lr * scale, self.optim)
 
     def _count(self, worker, now, wait, deposit_wait, averaged, staleness, scale):
         """The step's samples, the worker's totals and its log line."""
