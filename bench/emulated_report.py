@@ -36,6 +36,7 @@ COLLAPSE = 0.2
 BOOTSTRAP = 10000
 MIN_PAIRS = 3
 BASELINES = ("allreduce", "ddp", "dpsgd", "async", "fixed_k")
+RATIO_TICKS = (0.25, 0.5, 0.7, 1, 1.4, 2, 4)
 COLOURS = {"allreduce": "tab:blue", "ddp": "tab:cyan", "dpsgd": "tab:orange",
            "async": "tab:green", "fixed_k": "tab:purple", "aau": "tab:red"}
 
@@ -271,34 +272,54 @@ def plot_curves(result, path):
 
 
 def plot_summary(analyses, path):
-    """aau's paired time ratio against each baseline, with its interval, across N."""
+    """aau's paired time ratio against each baseline, with its interval, across N: one
+    panel per (partition, setting), partitions in rows; a hollow marker is a ratio of
+    fewer than MIN_PAIRS paired seeds (no verdict possible)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = sorted({key for a in analyses.values() for key in a["ratios"]})
-    figure, axes = plt.subplots(1, len(keys), sharey=True, figsize=(3.2 * len(keys), 3.2),
-                                squeeze=False)
+    from matplotlib.lines import Line2D
+
+    keys = {key for a in analyses.values() for key in a["ratios"]}
+    plans = [a["plan"] for _, a in sorted(analyses.items())]
+    partitions = [p for p in dict.fromkeys(p for plan in plans for p in plan["partitions"])
+                  if any(key.startswith(p + "/") for key in keys)]
+    settings = [s for s in dict.fromkeys(s for plan in plans for s in plan["settings"])
+                if any(key.endswith("/" + s) for key in keys)]
+    figure, axes = plt.subplots(len(partitions), len(settings), sharey=True, squeeze=False,
+                                figsize=(3.2 * len(settings), 2.9 * len(partitions)))
     ranks = sorted(analyses)
-    for ax, key in zip(axes[0], keys):
+    for key in keys:
+        part, setting = key.split("/")
+        ax = axes[partitions.index(part), settings.index(setting)]
         for i, base in enumerate(BASELINES):
-            xs, mids, errors = [], [], [[], []]
             for j, n in enumerate(ranks):
                 ratio = analyses[n]["ratios"].get(key, {}).get(base)
-                if ratio and ratio["geometric_mean"] is not None:
-                    xs.append(j + (i - 2) * 0.12)
-                    mids.append(ratio["geometric_mean"])
-                    errors[0].append(ratio["geometric_mean"] - ratio["low"])
-                    errors[1].append(ratio["high"] - ratio["geometric_mean"])
-            ax.errorbar(xs, mids, yerr=errors, fmt="o", color=COLOURS[base], label=base,
-                        markersize=3, capsize=2)
+                if not ratio or ratio["geometric_mean"] is None:
+                    continue
+                mid = ratio["geometric_mean"]
+                ax.errorbar([j + (i - 2) * 0.12], [mid],
+                            yerr=[[mid - ratio["low"]], [ratio["high"] - mid]], fmt="o",
+                            color=COLOURS[base], markersize=4, capsize=2,
+                            markerfacecolor=(COLOURS[base] if ratio["pairs"] >= MIN_PAIRS
+                                             else "white"))
         ax.axhline(1, color="grey", linewidth=0.8)
         ax.set_xticks(range(len(ranks)), [f"N={n}" for n in ranks])
+        ax.set_xlim(-0.6, len(ranks) - 0.4)
         ax.set_yscale("log")
+        ax.set_yticks(RATIO_TICKS, [f"{t:g}" for t in RATIO_TICKS])
+        ax.minorticks_off()
         ax.set_title(key, fontsize=9)
-    axes[0][0].set_ylabel("aau time to target / baseline's\n(< 1: aau faster; 95 % CI)")
-    axes[0][0].legend(fontsize=7)
-    figure.tight_layout()
+        ax.grid(alpha=0.3, axis="y")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("aau time to target / baseline's\n(< 1: aau faster; 95 % CI)")
+    figure.legend([Line2D([], [], marker="o", color=COLOURS[base], linestyle="")
+                   for base in BASELINES], BASELINES, loc="upper right", fontsize=8, ncol=5)
+    figure.suptitle(f"aau against each baseline, paired seeds, N = {', '.join(map(str, ranks))} "
+                    f"(hollow: fewer than {MIN_PAIRS} pairs; none: no seed where both reached the "
+                    f"target)", fontsize=10, x=0.38)
+    figure.tight_layout(rect=(0, 0, 1, 0.94))
     figure.savefig(path, dpi=120)
     plt.close(figure)
 
