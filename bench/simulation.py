@@ -34,6 +34,8 @@ import shutil
 import time
 from pathlib import Path
 
+import yaml
+
 import benchlib
 import emulated
 import emulated_report
@@ -66,7 +68,7 @@ def simulate(task):
     label = f"sim {task['ranks']:5} {' '.join(map(str, task['key'].values()))}"
     started = time.perf_counter()
     if benchlib.run_state(folder) == "finished" or (folder / DIVERGED).is_file():
-        return recorded(task, config)
+        return recorded(task, config, check=True)
     if folder.is_dir():
         shutil.rmtree(folder)
     try:
@@ -84,9 +86,17 @@ def simulate(task):
     return record
 
 
-def recorded(task, config):
-    """A finished (or diverged) simulation's record, read back from its run folder."""
-    finished = benchlib.run_state(benchlib.run_folder(config)) == "finished"
+def recorded(task, config, check=False):
+    """A finished (or diverged) simulation's record, read back from its run folder;
+    `check`: the folder must hold this task's run (its job and N), not another's."""
+    folder = benchlib.run_folder(config)
+    if check:
+        written = yaml.safe_load((folder / "config.yaml").read_text())
+        if (written.pop("simulation")["ranks"] != task["ranks"]
+                or written != yaml.safe_load(config.to_yaml())):
+            raise SystemExit(f"error: run folder {folder} holds another run than this "
+                             f"task's: give another --runs, or delete it")
+    finished = benchlib.run_state(folder) == "finished"
     run = benchlib.read_run(config) if finished else benchlib.read_failed_run(config)
     return {**task["key"], "ranks": task["ranks"], **run}
 
@@ -127,7 +137,8 @@ def validation_tasks(path, result, runs_dir):
             continue
         key = {"partition": run["partition"], "setting": run["setting"], "seed": run["seed"],
                "policy": run["policy"]}
-        name = emulated.run_name("sim", *key.values(), run["lr"])
+        # N in the name: the same cell at another N is another run.
+        name = emulated.run_name(f"sim-n{plan['ranks']}", *key.values(), run["lr"])
         tasks.append({"config": config_path(plan), "ranks": plan["ranks"],
                       "overrides": emulated.overrides(plan, name, *key.values(), run["lr"]),
                       "options": {"calibration": str(calibration)}, "key": key})

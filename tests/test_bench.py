@@ -298,6 +298,25 @@ def test_projection_rows_give_the_seeds_range_only_where_every_seed_reached():
     assert cells[5] == "1/2" and cells[6] == "-" and cells[10] == 1
 
 
+def test_a_simulation_resumes_from_its_own_run_folder_only(tmp_path, capsys):
+    """A finished folder is read back, not simulated again; a folder of the same name
+    holding another run (another N: the 8- and 16-rank validations once shared
+    names, and the 8-rank tasks silently read the 16-rank runs) is an error."""
+    def task(ranks):
+        return {"config": str(REPO / "jobs" / "demo.yaml"), "ranks": ranks,
+                "overrides": [f"output.dir={tmp_path}", "name=same", "budget.epochs=0.5",
+                              "output.progress=false", "model={name: mlp, hidden: [16]}"],
+                "options": {"step_seconds": 0.001}, "key": {"policy": "aau"}}
+
+    first = simulation.simulate(task(4))
+    assert "virtual s (" in capsys.readouterr().out
+    again = simulation.simulate(task(4))
+    assert "virtual s (" not in capsys.readouterr().out, "read back, not simulated"
+    assert again["curve"] == first["curve"] and again["samples"] == first["samples"]
+    with pytest.raises(SystemExit, match="holds another run than this task's"):
+        simulation.simulate(task(2))
+
+
 def test_the_common_accuracy_is_the_lowest_best_on_the_grid_capped_by_the_target():
     def run(best):
         return {"curve": [[1.0, 10, best - 0.1, 1.0], [2.0, 20, best, 0.5]]}
