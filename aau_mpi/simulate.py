@@ -190,7 +190,9 @@ class Simulator:
             bandwidth_from = "--bandwidth-gbs"
         calibrated = {}
         if calibration is not None:
-            group, where = load_calibration(calibration, config.policy.name, n)
+            group, where = load_calibration(calibration, config.policy.name, n,
+                                            {"name": config.stragglers.name,
+                                             **config.stragglers.params})
             # The collective was measured carrying the model's own bytes; another
             # payload's is the bandwidth model's.
             collective = group.get("collective_seconds") if own_bytes else None

@@ -197,7 +197,8 @@ def test_a_calibration_adds_its_overhead_to_every_iteration_and_its_collective(t
         simulator, _ = simulate(tmp_path, ranks, f"policy.name={policy}", name=policy,
                                 calibration=calibration)
         if policy == "async":  # 2 and 8 ranks are as near to 5: the larger is taken
-            assert "(async, 8 ranks, 1 runs)" in simulator.timing.calibration_from
+            assert "(async, 8 ranks, every setting, 1 runs)" in \
+                simulator.timing.calibration_from
         for rank in range(ranks):
             times = [r["time"] for r in read_lines(tmp_path / policy / f"rank-{rank:05d}.jsonl")]
             assert np.diff(times) == pytest.approx(iteration)
@@ -212,6 +213,25 @@ def test_with_another_payload_the_calibrated_collective_gives_way_to_the_bandwid
     assert simulator.timing.overhead_seconds == 0.002, "the overhead is still the calibration's"
     assert simulator.timing.collective_seconds is None
     assert simulator.timing.allreduce_seconds(4) == pytest.approx(1.5 * 0.004 + 6 * 5e-6)
+
+
+def test_a_calibration_group_of_the_jobs_straggler_setting_is_taken_where_there_is_one(
+        tmp_path):
+    path = tmp_path / "calibration.json"
+    one_4x = {"name": "fixed", "ranks": [1], "slowdown": 4.0}
+    path.write_text(json.dumps({"groups": [
+        {"policy": "allreduce", "ranks": 16, "stragglers": None, "runs": 3,
+         "overhead_seconds": {"mean": 0.010}},
+        {"policy": "allreduce", "ranks": 16, "stragglers": {"name": "none"}, "runs": 1,
+         "overhead_seconds": {"mean": 0.012}},
+        {"policy": "allreduce", "ranks": 16, "stragglers": one_4x, "runs": 2,
+         "overhead_seconds": {"mean": 0.007}}]}))
+    for stragglers, mean, which in (({"name": "none"}, 0.012, "this setting"),
+                                    ({**one_4x, "seed": 3}, 0.007, "this setting"),
+                                    ({"name": "fixed", "ranks": [2]}, 0.010, "every setting"),
+                                    (None, 0.010, "every setting")):
+        group, where = load_calibration(path, "allreduce", 14, stragglers)
+        assert group["overhead_seconds"]["mean"] == mean and which in where, stragglers
 
 
 def test_a_calibration_without_the_jobs_policy_is_refused_naming_what_it_has(tmp_path):

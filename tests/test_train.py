@@ -14,6 +14,7 @@ import time
 import h5py
 import numpy as np
 import pytest
+import yaml
 import torch
 
 from aau_mpi.base.errors import UserError
@@ -79,7 +80,13 @@ def test_calibrate_fits_the_runs_per_iteration_costs_for_the_simulator(finished_
     folder, _ = finished_run
     out = tmp_path / "calibration.json"
     assert calibrate_main([str(folder), "--out", str(out)]) == 0
-    (group,) = json.loads(out.read_text())["groups"]
+    every, setting = json.loads(out.read_text())["groups"]
+    assert every["stragglers"] is None, "every setting's group first"
+    config = yaml.safe_load((folder / "config.yaml").read_text())
+    assert setting["stragglers"] == {k: v for k, v in config["stragglers"].items() if k != "seed"}
+    assert {k: v for k, v in setting.items() if k != "stragglers"} == \
+        {k: v for k, v in every.items() if k != "stragglers"}, "one run: the same figures"
+    group = every
     iterations = json.loads((folder / "summary.json").read_text())["iterations"]
     assert (group["policy"], group["ranks"], group["runs"]) == ("aau", 4, 1)
     overhead = group["overhead_seconds"]

@@ -13,13 +13,18 @@
 
 Each is summarised by its mean, median, 5th and 95th percentiles and the
 number of iterations behind it; the first iteration of each rank (start-up)
-is left out. Runs on an emulated accelerator (`emulate:`) give these free of
+is left out. Per (policy, ranks) there is a group of every run, and a group
+per straggler setting (the job's `stragglers` section, its seed left out):
+on oversubscribed cores the lock-step policies' costs depend on how the
+ranks arrive (16 emulated ranks on 2 cores: allreduce's overhead and
+collective 27 ms a step without stragglers, 15 ms with one rank 4x slower). Runs on an emulated accelerator (`emulate:`) give these free of
 the host's compute; the compute model itself is the job's (the simulator
 reads `emulate` and the stragglers from the job config, not from here).
 
-The file (JSON): {"groups": [{"policy", "ranks", "runs", "overhead_seconds",
-"collective_seconds" (allreduce) or "deposit_seconds"}, ...], "sources",
-"command"}; `load_calibration` picks a group for the simulator.
+The file (JSON): {"groups": [{"policy", "ranks", "stragglers" (None: every
+setting), "runs", "overhead_seconds", "collective_seconds" (allreduce) or
+"deposit_seconds"}, ...], "sources", "command"}; `load_calibration` picks a
+group for the simulator.
 Files only: no MPI, no torch.
 """
 
@@ -43,8 +48,14 @@ def summarise(values):
             "p95": float(p95), "count": int(data.size)}
 
 
+def setting(stragglers):
+    """A straggler section as a calibration group names it: its seed left out (a
+    setting's seeds are one setting)."""
+    return {key: value for key, value in stragglers.items() if key != "seed"}
+
+
 def read_run(folder):
-    """(policy, ranks, {rank: [iteration records]}) of one run folder."""
+    """(policy, ranks, straggler setting, {rank: [iteration records]}) of one run folder."""
     folder = Path(folder)
     config_file, summary_file = folder / "config.yaml", folder / "summary.json"
     if not config_file.is_file() or not summary_file.is_file():
@@ -62,7 +73,7 @@ def read_run(folder):
     if not logs:
         raise UserError(f"{folder} holds no rank logs (rank-NNNNN.jsonl): pass the "
                         f"folders that aau_mpi.train wrote")
-    return config["policy"]["name"], ranks, logs
+    return config["policy"]["name"], ranks, setting(config.get("stragglers") or {}), logs
 
 
 def overheads(records):
@@ -91,17 +102,24 @@ def calibrate(folders):
     """The calibration dict of the run folders (see the module doc)."""
     grouped = defaultdict(lambda: {"runs": 0, "overhead": [], "collective": [], "deposit": []})
     for folder in folders:
-        policy, ranks, logs = read_run(folder)
-        group = grouped[policy, ranks]
-        group["runs"] += 1
+        policy, ranks, stragglers, logs = read_run(folder)
+        overhead, deposit = [], []
         for records in logs.values():
-            group["overhead"] += overheads(records)
-            group["deposit"] += [r["deposit"] for r in records[1:] if r.get("deposit")]
-        if policy == "allreduce":
-            group["collective"] += collective_waits(logs)
+            overhead += overheads(records)
+            deposit += [r["deposit"] for r in records[1:] if r.get("deposit")]
+        collective = collective_waits(logs) if policy == "allreduce" else []
+        # Every run, and its setting's group (the key: the setting as sorted JSON).
+        for key in (None, json.dumps(stragglers, sort_keys=True)):
+            group = grouped[policy, ranks, key]
+            group["runs"] += 1
+            group["overhead"] += overhead
+            group["deposit"] += deposit
+            group["collective"] += collective
     groups = []
-    for (policy, ranks), group in sorted(grouped.items()):
-        entry = {"policy": policy, "ranks": ranks, "runs": group["runs"],
+    for (policy, ranks, key), group in sorted(grouped.items(),
+                                              key=lambda item: (*item[0][:2], item[0][2] or "")):
+        entry = {"policy": policy, "ranks": ranks,
+                 "stragglers": None if key is None else json.loads(key), "runs": group["runs"],
                  "overhead_seconds": summarise(group["overhead"])}
         if policy == "allreduce":
             entry["collective_seconds"] = summarise(group["collective"])
@@ -114,9 +132,11 @@ def calibrate(folders):
     return {"groups": groups, "sources": [str(f) for f in folders]}
 
 
-def load_calibration(path, policy, ranks):
+def load_calibration(path, policy, ranks, stragglers=None):
     """The group of calibration file `path` for `policy`, from the nearest number of
-    ranks (the larger on a tie): (group, what it says about where it came from)."""
+    ranks (the larger on a tie), of the straggler setting `stragglers` (a job's
+    section) where the file has it, else of every setting: (group, what it says
+    about where it came from)."""
     path = Path(path)
     try:
         groups = json.loads(path.read_text())["groups"]
@@ -128,5 +148,12 @@ def load_calibration(path, policy, ranks):
         have = sorted({g["policy"] for g in groups})
         raise UserError(f"calibration {path} has no {policy} runs (it has {', '.join(have)}): "
                         f"calibrate from runs of policy {policy} too")
-    group = min(mine, key=lambda g: (abs(g["ranks"] - ranks), -g["ranks"]))
-    return group, f"{path} ({policy}, {group['ranks']} ranks, {group['runs']} runs)"
+    nearest = min(mine, key=lambda g: (abs(g["ranks"] - ranks), -g["ranks"]))["ranks"]
+    mine = [g for g in mine if g["ranks"] == nearest]
+    wanted = None if stragglers is None else setting(stragglers)
+    exact = [g for g in mine if wanted is not None and g.get("stragglers") == wanted]
+    every = [g for g in mine if g.get("stragglers") is None]
+    group = (exact or every or mine)[0]
+    which = "every setting" if group.get("stragglers") is None else "this setting"
+    return group, (f"{path} ({policy}, {group['ranks']} ranks, {which}, "
+                   f"{group['runs']} runs)")
