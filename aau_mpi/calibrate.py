@@ -28,12 +28,15 @@ def main(argv=None):
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"{'policy':<10} {'ranks':>5} {'runs':>5} {'overhead ms':>12} {'collective ms':>14}")
+    print(f"{'policy':<10} {'ranks':>5} {'runs':>5} {'overhead ms':>12} {'collective ms':>14}"
+          f"  stragglers")
     for group in result["groups"]:
         collective = group.get("collective_seconds")
+        stragglers = group["stragglers"]
         print(f"{group['policy']:<10} {group['ranks']:>5} {group['runs']:>5} "
               f"{group['overhead_seconds']['mean'] * 1e3:>12.2f} "
-              f"{collective['mean'] * 1e3 if collective else float('nan'):>14.2f}")
+              f"{collective['mean'] * 1e3 if collective else float('nan'):>14.2f}  "
+              f"{'every setting' if stragglers is None else json.dumps(stragglers)}")
     print(f"wrote {out}")
     return 0
 
