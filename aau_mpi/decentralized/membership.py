@@ -156,9 +156,10 @@ class Survival:
     """Runs the optimizer's actions so that a lost rank is data the step handles.
 
     `run(action, *args)` is True when the action completed. When a rank of the
-    job was lost (`is_loss(error)`: Membership.explains) and the mode is continue, `recover()` rebuilds on the
-    survivors and False comes back: the caller decides whether to run its
-    action again; in mode abort the loss ends the job with one line.
+    job was lost (`is_loss(error)`, Membership.explains, says so) and the mode
+    is continue, `recover()` rebuilds on the survivors and False comes back:
+    the caller decides whether to run its action again; in mode abort the
+    loss ends the job with one line.
 
     Only the outermost run recovers: a loss inside an evaluation that a step
     serves unwinds the whole step, on every rank alike, so that no rank
