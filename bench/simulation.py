@@ -3,14 +3,15 @@
     python bench/simulation.py validate [--emulated bench/results/emulated/n8.json ...]
                                         [--jobs 2] [--runs DIR]
 
-validate: every evaluated run of the emulated-accelerator benchmark's
-results (bench/emulated.py, bench/results/emulated/n<N>.json) of the
-policies in VALIDATED is run again in the simulator (aau_mpi.simulate): the
-same job, partition, stragglers, seed and learning rate, N virtual workers
-for N ranks, the job's emulated accelerator as the compute model (the same
+Every evaluated run of the emulated-accelerator benchmark's results
+(bench/emulated.py, bench/results/emulated/n<N>.json) of the policies in
+VALIDATED is run again in the simulator (aau_mpi.simulate): the same job,
+partition, stragglers, seed and learning rate, N virtual workers for N
+ranks, the job's emulated accelerator as the compute model (the same
 jitter draws), and the calibration fitted from that benchmark's own rank
 logs (calibration-n<N>.json, which bench/emulated.py writes beside its
-results: each policy's per-iteration overhead and the allreduce's collective). For each cell (partition, setting) and
+results: each policy's per-iteration overhead and the allreduce's
+collective, per straggler setting). For each cell (partition, setting) and
 pair of policies it compares the ratio of their times to the pair's common
 accuracy, real against simulated: the geometric mean over the seeds of the
 per-seed ratios, at the target or below it the highest multiple of
