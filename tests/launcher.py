@@ -7,6 +7,7 @@ instead of the run. Works with the Open MPI and the MPICH wheel (whichever
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -35,9 +36,15 @@ def command(ranks, *args, launcher_args=()):
 
 
 def launch(ranks, *args, timeout=150, launcher_args=()):
-    """Run a job to its end; a job that outlives `timeout` is a failure (a hang)."""
-    return subprocess.run(command(ranks, *args, launcher_args=launcher_args), cwd=REPO, env=ENV,
-                          capture_output=True, text=True, timeout=timeout)
+    """Run a job to its end; a job that outlives `timeout` is a failure (a hang),
+    and its ranks are killed with it."""
+    job = start(ranks, *args, launcher_args=launcher_args)
+    try:
+        out, err = job.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        stop(job)
+        raise
+    return subprocess.CompletedProcess(job.args, job.returncode, out, err)
 
 
 def start(ranks, *args, launcher_args=()):
@@ -72,6 +79,19 @@ def rank_pids(launcher):
         if rank is not None and Path(f"/proc/{pid}/exe").resolve() == Path(sys.executable).resolve():
             ranks[int(rank)] = pid
     return ranks
+
+
+def stop(job):
+    """Kill a job's ranks, then its launcher. Killing only the launcher can leave
+    ranks spinning (under ULFM 7 of them ran on for hours)."""
+    if job.poll() is None:
+        for pid in rank_pids(job.pid).values():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass  # it ended meanwhile
+        job.kill()
+    job.wait()
 
 
 def error_lines(result):

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from aau_mpi.decentralized import checkpoint
 
-from launcher import MLP, launch, launcher_required, rank_pids, start
+from launcher import MLP, launch, launcher_required, rank_pids, start, stop
 
 pytestmark = launcher_required()
 LONG = ["--config", "jobs/demo.yaml", MLP, "name=job", "budget.epochs=100000",
@@ -49,7 +49,7 @@ def test_a_killed_rank_ends_the_job_and_resume_continues_from_the_newest_checkpo
         os.kill(victim, signal.SIGKILL)
         out, err = job.communicate(timeout=60)  # bounded: the launcher must end every rank
     finally:
-        job.kill()
+        stop(job)
     assert job.returncode != 0
     # Open MPI: "process rank 2 with PID ... exited on signal 9"; MPICH's
     # launcher prints "BAD TERMINATION ... PID <pid> ..." on stdout.
@@ -98,7 +98,7 @@ def test_ranks_killed_while_checkpointing_leave_the_last_generation_loadable(tmp
             os.kill(rank_pids(job.pid)[attempt + 1], signal.SIGKILL)
             job.communicate(timeout=60)
         finally:
-            job.kill()
+            stop(job)
         manifest = checkpoint.read_manifest(checkpoint.find_checkpoint(folder))
         for rank in range(4):
             arrays, info = checkpoint.read_rank_state(manifest, rank)  # verifies crc32s
@@ -119,7 +119,7 @@ def test_the_watchdog_reports_a_stopped_neighbour_and_async_goes_on(tmp_path):
         os.kill(paused, signal.SIGCONT)
         out, err = job.communicate(timeout=90)
     finally:
-        job.kill()
+        stop(job)
     assert job.returncode == 0, err[-3000:]
     reports = [line for line in err.splitlines() if "watchdog:" in line]
     assert reports, err[-3000:]
@@ -147,7 +147,7 @@ def test_the_watchdog_ends_a_synchronous_job_whose_neighbour_stopped(tmp_path):
         os.kill(rank_pids(job.pid)[1], signal.SIGSTOP)
         out, err = job.communicate(timeout=60)
     finally:
-        job.kill()
+        stop(job)
     assert job.returncode == 3, err[-3000:]
     lines = [line for line in err.splitlines() if "error: watchdog:" in line]
     assert lines and all("ending the job" in line for line in lines), err[-3000:]

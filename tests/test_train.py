@@ -24,7 +24,7 @@ from aau_mpi.decentralized import checkpoint
 from aau_mpi.training.datasets import load_dataset
 
 from launcher import (MLP, QUICK, error_lines, launch, launcher_required, rank_pids,
-                      read_lines, start)
+                      read_lines, start, stop)
 
 pytestmark = launcher_required()
 
@@ -126,7 +126,7 @@ def test_a_preempted_run_checkpoints_exits_75_and_resumes(tmp_path, policy, how)
                 os.kill(pid, signal.SIGTERM)
         out, err = job.communicate(timeout=60)  # bounded: still running after 60 s fails here
     finally:
-        job.kill()
+        stop(job)
     assert job.returncode == 75, err[-3000:]
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["exit"] == "preempted"
