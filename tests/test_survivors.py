@@ -21,7 +21,8 @@ from mpi4py import MPI
 from aau_mpi.decentralized import checkpoint
 from aau_mpi.algorithms.graphs import Graph, generate, without
 
-from launcher import ENV, MLP, MPIEXEC, launch, launcher_required, rank_pids, read_lines, start
+from launcher import (ENV, MLP, MPIEXEC, launch, launcher_required, rank_pids, read_lines,
+                      start, stop)
 from test_faults import wait_for
 
 OPEN_MPI = "Open MPI" in MPI.Get_library_version()
@@ -69,7 +70,7 @@ def kill_after_first_evaluation(job, folder, timeout=120):
     try:
         return job.communicate(timeout=timeout)  # a hang bound: the job must end
     except subprocess.TimeoutExpired:
-        job.kill()
+        stop(job)
         err = job.communicate()[1]
         pytest.fail(f"the job did not end within {timeout} s of the kill; its stderr ends:\n"
                     f"{err[-6000:]}")
@@ -103,7 +104,7 @@ def test_the_survivors_of_a_killed_rank_finish_the_job(tmp_path, policy):
     try:
         out, err = kill_after_first_evaluation(job, folder)
     finally:
-        job.kill()
+        stop(job)
     assert job.returncode == 0, err[-3000:]
     assert f"ranks [{VICTIM}] lost" in err and "going on with 7 ranks" in err, err[-3000:]
 
@@ -136,7 +137,7 @@ def test_with_abort_a_killed_rank_ends_the_job_under_ulfm(tmp_path):
     try:
         out, err = kill_after_first_evaluation(job, folder, timeout=60)
     finally:
-        job.kill()
+        stop(job)
     assert job.returncode != 0
     assert any("error: a rank of the job was lost" in line for line in err.splitlines()), \
         err[-3000:]
@@ -196,6 +197,101 @@ def test_a_revocation_that_a_nonblocking_collective_reports_as_another_error_is_
     assert sum(other for _, other, _ in counts) > 0, f"the disguised error was not seen: {lines}"
     assert all(unexplained == 0 for _, _, unexplained in counts), lines
     assert all(line.endswith("own error explained False") for line in lines), lines
+
+
+ABORT_AFTER_A_LOSS = """
+import os, signal, time
+from mpi4py import MPI
+from aau_mpi.comm.survivors import LossDetector, RankLost, errors_return
+from aau_mpi.comm.world import report_and_abort
+world = errors_return(MPI.COMM_WORLD)
+detector = LossDetector(world)
+world.Barrier()
+if world.Get_rank() == 3:
+    time.sleep(0.2)
+    os.kill(os.getpid(), signal.SIGKILL)
+while True:
+    try:
+        detector.check()
+    except RankLost:
+        break
+    time.sleep(0.001)
+report_and_abort("a rank of the job was lost")  # every survivor, at about the same moment
+"""
+
+
+@launcher_required()
+@ulfm_required
+def test_survivors_that_all_abort_after_a_loss_end_the_job(tmp_path):
+    """Under ULFM MPI_Abort ends only its caller, and prterun deadlocked (all
+    ranks gone, prterun waiting on a mutex for ever) in 4 of 15 jobs whose 7
+    survivors aborted at the same moment; it hung the abort test above in CI.
+    Eight such jobs must each end, with the survivors' exit status."""
+    script = tmp_path / "abort.py"
+    script.write_text(ABORT_AFTER_A_LOSS)
+    for attempt in range(8):
+        job = subprocess.Popen([str(MPIEXEC), *ULFM, "-n", "8", sys.executable, str(script)],
+                               env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            err = job.communicate(timeout=30)[1]
+        except subprocess.TimeoutExpired:
+            stop(job)
+            pytest.fail(f"attempt {attempt}: the job did not end within 30 s")
+        assert job.returncode == 2, err[-3000:]
+        assert err.count("error: a rank of the job was lost") == 7, err[-3000:]
+
+
+HELD_LOCK = """
+import os, signal, time
+import numpy as np
+from mpi4py import MPI
+from aau_mpi.comm.survivors import StallGuard, errors_return
+world = errors_return(MPI.COMM_WORLD)
+rank = world.Get_rank()
+words = 20_000_000
+win = MPI.Win.Allocate(8 * words if rank == 0 else 0, disp_unit=8, comm=world)
+win.Lock_all()
+pids = world.allgather(os.getpid())
+data = np.ones(words) if rank == 2 else None
+guard = StallGuard(seconds=2, tick=0.1)
+world.Barrier()
+if rank == 2:  # each Accumulate holds rank 0's accumulate lock (osc sm) for tens of ms
+    while True:
+        win.Accumulate(data, 0, op=MPI.SUM)
+        win.Flush(0)
+if rank == 1:
+    time.sleep(0.3)
+    os.kill(pids[2], signal.SIGKILL)  # inside an Accumulate: the lock stays held
+time.sleep(0.5)
+one, out = np.ones(1), np.zeros(1)
+with guard.atomic(0):
+    win.Fetch_and_op(one, out, 0, 0, op=MPI.SUM)
+    win.Flush(0)
+print(f"rank {rank}: the atomic call returned", flush=True)
+"""
+
+
+@launcher_required()
+@ulfm_required
+def test_an_atomic_call_waiting_for_a_lock_a_dead_rank_holds_ends_its_rank(tmp_path):
+    """Open MPI's osc sm serialises atomics on a target with a spinlock in shared
+    memory; a rank killed inside an Accumulate leaves rank 0's held, and every
+    later Fetch_and_op on rank 0 spins for ever (7 survivors of the trainer
+    were found so, 2.5 h after the kill). The StallGuard ends each such rank
+    with one line, so the job ends instead of hanging."""
+    script = tmp_path / "held.py"
+    script.write_text(HELD_LOCK)
+    job = subprocess.Popen([str(MPIEXEC), *ULFM, "-n", "3", sys.executable, str(script)],
+                           env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = job.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        stop(job)
+        pytest.fail("the ranks waiting for the dead rank's lock did not end within 60 s")
+    assert "returned" not in out, out
+    for rank in (0, 1):
+        assert (f"[rank {rank}] error: an atomic one-sided call to rank 0 has not returned in 2 s"
+                in err), err[-3000:]
 
 
 METRICS_ACROSS_A_LOSS = """

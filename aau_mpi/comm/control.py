@@ -14,11 +14,15 @@ numpy's inferred LONG against an INT64_T target). MPI makes accumulates to
 one location atomic with respect to each other, whichever rank issues them,
 and an accumulate completes at a passive target without the target making
 MPI calls (the same passive progress the mailbox relies on). The window is
-opened with one collective `Lock_all` for its life.
+opened with one collective `Lock_all` for its life. Under ULFM each call is
+watched by a `StallGuard` (aau_mpi.comm.survivors: a dead rank can leave rank
+0's accumulate lock held).
 
 Each call is a round trip to rank 0, so callers batch: `aau_mpi.decentralized.events`
 adds a rank's samples every few milliseconds, not every step.
 """
+
+from contextlib import nullcontext
 
 import numpy as np
 from mpi4py import MPI
@@ -29,8 +33,9 @@ SAMPLES, EVENTS, GENERATIONS = 0, 1, 2
 class JobControl:
     """Collective to build and close; every other call is one-sided."""
 
-    def __init__(self, comm, initial_samples=0):
+    def __init__(self, comm, initial_samples=0, guard=None):
         self.comm, self.rank, self.size = comm, comm.Get_rank(), comm.Get_size()
+        self._atomic = guard.atomic(0) if guard is not None else nullcontext()
         words = GENERATIONS + self.size
         self.win = MPI.Win.Allocate(8 * words if self.rank == 0 else 0, disp_unit=8, comm=comm)
         if self.rank == 0:
@@ -49,10 +54,11 @@ class JobControl:
     def _read(self, first, count):
         """`count` words from `first`, each read atomically (Get_accumulate NO_OP)."""
         result = self._result[:count]
-        self.win.Get_accumulate([self._origin[:count], count, MPI.INT64_T],
-                                [result, count, MPI.INT64_T], 0,
-                                target=(first, count, MPI.INT64_T), op=MPI.NO_OP)
-        self.win.Flush(0)
+        with self._atomic:
+            self.win.Get_accumulate([self._origin[:count], count, MPI.INT64_T],
+                                    [result, count, MPI.INT64_T], 0,
+                                    target=(first, count, MPI.INT64_T), op=MPI.NO_OP)
+            self.win.Flush(0)
         self.round_trips += 1
         return result.copy()
 
@@ -65,11 +71,12 @@ class JobControl:
         128 bytes per call in MPICH's wheel.
         """
         self._origin[0] = samples
-        self.win.Fetch_and_op([self._origin[:1], 1, MPI.INT64_T],
-                              [self._result[:1], 1, MPI.INT64_T], 0, SAMPLES, op=MPI.SUM)
-        self.win.Fetch_and_op([self._origin[:1], 1, MPI.INT64_T],
-                              [self._result[1:2], 1, MPI.INT64_T], 0, EVENTS, op=MPI.NO_OP)
-        self.win.Flush(0)
+        with self._atomic:
+            self.win.Fetch_and_op([self._origin[:1], 1, MPI.INT64_T],
+                                  [self._result[:1], 1, MPI.INT64_T], 0, SAMPLES, op=MPI.SUM)
+            self.win.Fetch_and_op([self._origin[:1], 1, MPI.INT64_T],
+                                  [self._result[1:2], 1, MPI.INT64_T], 0, EVENTS, op=MPI.NO_OP)
+            self.win.Flush(0)
         self.round_trips += 1
         return int(self._result[0]) + samples, int(self._result[1])
 
@@ -80,8 +87,10 @@ class JobControl:
         rank announced first and the caller re-decides from the returned word.
         """
         self._origin[0], self._compare[0] = new, seen
-        self.win.Compare_and_swap(self._origin[:1], self._compare, self._result[:1], 0, EVENTS)
-        self.win.Flush(0)
+        with self._atomic:
+            self.win.Compare_and_swap(self._origin[:1], self._compare, self._result[:1], 0,
+                                      EVENTS)
+            self.win.Flush(0)
         self.round_trips += 1
         return int(self._result[0])
 
@@ -92,10 +101,11 @@ class JobControl:
         rank that writes last always sees every rank's generation.
         """
         self._origin[0] = generation
-        self.win.Fetch_and_op([self._origin[:1], 1, MPI.INT64_T],
-                              [self._result[:1], 1, MPI.INT64_T], 0, GENERATIONS + self.rank,
-                              op=MPI.REPLACE)
-        self.win.Flush(0)
+        with self._atomic:
+            self.win.Fetch_and_op([self._origin[:1], 1, MPI.INT64_T],
+                                  [self._result[:1], 1, MPI.INT64_T], 0,
+                                  GENERATIONS + self.rank, op=MPI.REPLACE)
+            self.win.Flush(0)
         self.round_trips += 1
         return int(self._read(GENERATIONS, self.size).min())
 

@@ -71,7 +71,9 @@ gives passive progress that way; per-deposit `Lock`/`Unlock` would wait for a
 busy target. Inside the epoch `Flush(target)` completes this rank's
 operations at that target, which orders the three writer steps.
 `MPI_MODE_NOCHECK` is never used: it would switch exclusion off, and the
-seqlock needs none.
+seqlock needs none. Under ULFM a `StallGuard` (aau_mpi.comm.survivors)
+watches each version-word call: a dead rank can leave a window's
+accumulate lock held.
 
 Threads: `deposit` may run on a communication thread while the owner's
 thread calls `headers` and `read` (see `aau_mpi.comm.depositor`); that needs
@@ -81,6 +83,7 @@ time.
 
 import time
 import zlib
+from contextlib import nullcontext
 
 import numpy as np
 from mpi4py import MPI
@@ -122,13 +125,15 @@ class Mailbox:
     """
 
     def __init__(self, comm, in_neighbours, out_neighbours, payload_size,
-                 slots_per_neighbour=1, clock=MPI.Wtime, checksum=False):
+                 slots_per_neighbour=1, clock=MPI.Wtime, checksum=False, guard=None):
         self.comm = comm
         self.checksum = checksum
         self.stats = {"deposits": 0, "reads": 0, "gave_up": 0, "corrupt": 0}
         self.rank = comm.Get_rank()
         self.in_neighbours = sorted(int(j) for j in in_neighbours)
         self.out_neighbours = sorted(int(j) for j in out_neighbours)
+        self._atomic = {t: guard.atomic(t) if guard is not None else nullcontext()
+                        for t in {self.rank, *self.out_neighbours}}
         self.payload_size = int(payload_size)
         self.slots_per_neighbour = int(slots_per_neighbour)
         self.clock = clock
@@ -276,20 +281,23 @@ class Mailbox:
         fetched old value is unused: plain Accumulate leaked 128 bytes per call
         in MPICH's wheel, this does not), complete at the target before return."""
         self._version[0] = version
-        self.win.Fetch_and_op([self._version, 1, MPI.INT64_T], [self._fetched, 1, MPI.INT64_T],
-                              target, slot * self.header_dtype.itemsize, op=MPI.REPLACE)
-        self.win.Flush(target)
+        with self._atomic[target]:
+            self.win.Fetch_and_op([self._version, 1, MPI.INT64_T],
+                                  [self._fetched, 1, MPI.INT64_T], target,
+                                  slot * self.header_dtype.itemsize, op=MPI.REPLACE)
+            self.win.Flush(target)
 
     # ---- reader side (own window: no remote traffic) ------------------------
 
     def _read_versions(self, slots):
         """The version words of own `slots`, each read atomically (Fetch_and_op
         NO_OP on this rank's own window, all completed by one Flush)."""
-        for n, s in enumerate(slots):
-            self.win.Fetch_and_op([self._no_op[n:n + 1], 1, MPI.INT64_T],
-                                  [self._versions_read[n:n + 1], 1, MPI.INT64_T],
-                                  self.rank, s * self.header_dtype.itemsize, op=MPI.NO_OP)
-        self.win.Flush(self.rank)
+        with self._atomic[self.rank]:
+            for n, s in enumerate(slots):
+                self.win.Fetch_and_op([self._no_op[n:n + 1], 1, MPI.INT64_T],
+                                      [self._versions_read[n:n + 1], 1, MPI.INT64_T],
+                                      self.rank, s * self.header_dtype.itemsize, op=MPI.NO_OP)
+            self.win.Flush(self.rank)
         return self._versions_read[:len(slots)].copy()
 
     def versions(self):

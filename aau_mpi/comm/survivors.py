@@ -26,11 +26,19 @@ job. What the probes showed, and what this module is built on:
   `explained_by_loss` reads such an error as the loss when one of the
   communicators is revoked, or the detector fails within a grace period.
 - A rank must die by a signal (or its node) to be seen: one that exits
-  without MPI_Finalize is not detected by Open MPI's ULFM and makes Shrink
-  wait. aau_mpi's own errors call MPI_Abort, which ends every rank.
+  without MPI_Finalize, or calls MPI_Abort (which under ULFM ends only the
+  caller), is not detected and makes Shrink wait.
+- Open MPI's shared-memory one-sided component (osc sm) serialises every
+  accumulate-family call on a window's target with a spinlock in the
+  target's shared memory. A rank killed while it holds one leaves it held,
+  and every later atomic on that target spins for ever, never returning to
+  the loop that polls the detector. `StallGuard` bounds that.
 """
 
 import os
+import signal
+import sys
+import threading
 import time
 
 from mpi4py import MPI
@@ -43,6 +51,10 @@ LOSS_CLASSES = (MPI.ERR_PROC_FAILED, MPI.ERR_PROC_FAILED_PENDING, MPI.ERR_REVOKE
 # loss before it counts as an error of its own (a death is seen within
 # 0.3-0.4 s on loaded cores, a revocation at once).
 LOSS_GRACE_SECONDS = 5.0
+# An atomic RMA call to one node's shared memory takes microseconds; one that
+# has not returned in this long of the process's running time waits for a
+# lock that a dead rank holds.
+STALL_SECONDS = 10.0
 
 
 class RankLost(Exception):
@@ -139,3 +151,71 @@ def shrink(comm):
                                      comm.Get_group())
     lost = sorted(set(range(comm.Get_size())) - set(kept))
     return survivors, lost
+
+
+class StallGuard:
+    """Ends this rank when an atomic RMA call has not returned for `seconds`.
+
+    Wrap each accumulate-family call (and the Flush that completes it) in
+    `with watch:`, where `watch = guard.atomic(target)` (reusable). A thread that makes no MPI call (mpi4py
+    releases the GIL inside MPI) counts how long each call has been inside,
+    in its own running time: a job that Slurm suspends does not count. A call
+    past `seconds` waits for a lock held by a rank that died inside its own
+    call (osc sm, module docstring), which nothing will release: the rank
+    prints one line and SIGKILLs itself, a death that ULFM reports, so the
+    others see a lost rank (the survivors that can, go on; a lost rank 0 of
+    the control window takes every rank with it) instead of a job hung for
+    ever. One per process (`for_process`): calls from several threads
+    (the depositor's included) are each watched.
+    """
+
+    _process = None
+
+    def __init__(self, seconds=STALL_SECONDS, tick=0.5):
+        self.seconds, self.tick = seconds, tick
+        self._inside = {}          # thread ident -> [target, seconds inside so far]
+        threading.Thread(target=self._watch, name="aau-stall-guard", daemon=True).start()
+
+    @classmethod
+    def for_process(cls):
+        if cls._process is None:
+            cls._process = cls()
+        return cls._process
+
+    def atomic(self, target):
+        return _Watch(self._inside, target)
+
+    def _watch(self):
+        last = time.monotonic()
+        while True:
+            time.sleep(self.tick)
+            now = time.monotonic()
+            # A pause of the whole process (SIGSTOP, a suspended job) is not a stall.
+            ran, last = min(now - last, 2 * self.tick), now
+            for entry in list(self._inside.values()):
+                entry[1] += ran
+                if entry[1] > self.seconds:
+                    self._leave(entry[0])
+
+    def _leave(self, target):
+        rank = MPI.COMM_WORLD.Get_rank()  # local: no communication
+        print(f"[rank {rank}] error: an atomic one-sided call to rank {target} has not returned "
+              f"in {self.seconds:.0f} s: a lost rank died holding that window's lock (Open MPI's "
+              f"shared-memory osc under ULFM); this rank leaves the job so that the others "
+              f"do not wait for it", file=sys.stderr, flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class _Watch:
+    """A reusable `with` block that StallGuard watches."""
+
+    __slots__ = ("inside", "target")
+
+    def __init__(self, inside, target):
+        self.inside, self.target = inside, target
+
+    def __enter__(self):
+        self.inside[threading.get_ident()] = [self.target, 0.0]
+
+    def __exit__(self, *exc):
+        del self.inside[threading.get_ident()]

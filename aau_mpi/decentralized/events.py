@@ -52,13 +52,13 @@ class JobEvents:
     """Collective to build and close; `count` after each step, `poll` while waiting."""
 
     def __init__(self, comm, schedule, clock, *, lockstep=False, on_evaluation=None,
-                 barrier=None, flush_seconds=FLUSH_SECONDS):
+                 barrier=None, flush_seconds=FLUSH_SECONDS, guard=None):
         self.comm, self.schedule, self.clock = comm, schedule or Schedule(), clock
         self.lockstep = lockstep
         self.on_evaluation = on_evaluation
         self.barrier = barrier or (lambda: comm.Barrier())
         self.flush_seconds = flush_seconds
-        self.control = JobControl(comm)
+        self.control = JobControl(comm, guard=guard)
         size = comm.Get_size()
         # While waiting (for a straggler, say) every rank polls; spaced so that
         # rank 0 answers at most WAITING_POLL_RATE of them a second at any N.

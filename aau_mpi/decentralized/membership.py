@@ -26,8 +26,8 @@ from aau_mpi.algorithms.policies import build_policy
 from aau_mpi.algorithms.schedule import Schedule
 from aau_mpi.comm.depositor import Depositor, use_thread
 from aau_mpi.comm.mailbox import Mailbox
-from aau_mpi.comm.survivors import (LossDetector, explained_by_loss, revoke, shrink,
-                                    ulfm_available)
+from aau_mpi.comm.survivors import (LossDetector, StallGuard, explained_by_loss, revoke,
+                                    shrink, ulfm_available)
 from aau_mpi.base.errors import UserError
 from aau_mpi.decentralized.collectives import wait_for
 from aau_mpi.decentralized.device import select_device
@@ -57,20 +57,23 @@ class Membership:
         self.rank, self.size = base.Get_rank(), base.Get_size()
         self.comm, self.events_comm, self.job_comm = base.Dup(), base.Dup(), base.Dup()
         self.metrics = MetricAverages(base.Dup(), metrics_posted)
+        # Under ULFM a dead rank no longer ends the job by itself, and RMA never
+        # reports one: the detector sees it, for either on_rank_loss mode, and
+        # the guard ends an atomic call that waits for a lock the dead rank held.
+        ulfm = ulfm_available()
+        guard = StallGuard.for_process() if ulfm else None
         self.mailbox = self.depositor = None
         if policy.uses_mailbox:
             self.mailbox = Mailbox(self.comm, graph.in_neighbours(self.rank),
                                    graph.out_neighbours(self.rank), params.shared_numel,
-                                   policy.slots_per_neighbour, world.clock, checksum)
+                                   policy.slots_per_neighbour, world.clock, checksum, guard)
             self.depositor = Depositor(self.mailbox, use_thread(overlap, world, params.device),
                                        on_start=lambda: select_device(params.device))
         self.events = JobEvents(self.comm, schedule or Schedule(), world.clock,
                                 lockstep=not policy.uses_mailbox, on_evaluation=on_evaluation,
                                 barrier=lambda: self.wait_all(self.events_comm.Ibarrier(),
-                                                              "an evaluation"))
-        # Under ULFM a dead rank no longer ends the job by itself, and RMA never
-        # reports one: the detector sees it, for either on_rank_loss mode.
-        self.detector = LossDetector(base) if ulfm_available() else None
+                                                              "an evaluation"), guard=guard)
+        self.detector = LossDetector(base) if ulfm else None
         watchdog.bind(self.job_comm, self.rank)
 
     def check_for_loss(self):
