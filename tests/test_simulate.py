@@ -23,7 +23,7 @@ from aau_mpi.training.partitions import partition, shard_loader
 from aau_mpi.training.models import build_model
 from aau_mpi.algorithms.policies import POLICIES
 from aau_mpi.simulate import Simulator, cli, main
-from aau_mpi.training.simulation import Timing, sgd_step
+from aau_mpi.training.simulation import StackedModel, Timing, sgd_step
 
 STEP = 0.01          # virtual seconds per step, given: no start-up measurement
 BASE = {"seed": 0, "policy": {"name": "dpsgd"}, "topology": {"name": "ring"},
@@ -164,6 +164,35 @@ def test_a_workers_step_is_torchs_sgd_to_the_bit(momentum, nesterov, weight_deca
         sgd.step()
         buffer = sgd_step(ours, gradient, buffer, lr, optim)
         assert torch.equal(ours, theirs.detach())
+
+
+@pytest.mark.parametrize("name, params", [("logreg", None), ("mlp", {"hidden": [64, 32]}),
+                                          ("cnn1d", None)])
+def test_each_workers_gradient_and_loss_are_its_own_models_on_its_own_batch(name, params):
+    """The batched paths (dense layers as matrix products, other models by vmap)
+    give what torch's autograd gives each worker's model alone."""
+    torch.manual_seed(0)
+    model = build_model(name, (1, 40), 10, params)
+    stacked = StackedModel(model)
+    assert (stacked.layers is None) == (name == "cnn1d")
+    flats = torch.randn(5, sum(stacked.sizes)) * 0.3
+    x, y = torch.randn(5, 16, 1, 40), torch.randint(0, 10, (5, 16))
+    gradients, losses = stacked.gradients(flats, x, y)
+    summed, correct = stacked.loss_and_correct(flats, x[0], y[0], batch_size=7)
+    for w in range(5):
+        torch.nn.utils.vector_to_parameters(flats[w], model.parameters())
+        model.zero_grad()
+        logits = model(x[w])
+        loss = torch.nn.functional.cross_entropy(logits, y[w])
+        loss.backward()
+        alone = torch.cat([p.grad.flatten() for p in model.parameters()])
+        assert torch.allclose(gradients[w], alone, atol=1e-6), w
+        assert losses[w].item() == pytest.approx(loss.item(), rel=1e-5)
+        with torch.no_grad():
+            on_first = model(x[0])
+        expected = torch.nn.functional.cross_entropy(on_first, y[0], reduction="sum").item()
+        assert summed[w].item() == pytest.approx(expected, rel=1e-5)
+        assert correct[w].item() == (on_first.argmax(1) == y[0]).sum().item()
 
 
 # ---- the emulated accelerator, the calibration, the allreduce model --------------------

@@ -37,6 +37,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from aau_mpi.algorithms.schedule import events_announced
@@ -96,7 +97,14 @@ class Timing:
 
 
 class StackedModel:
-    """One architecture applied to many flat parameter vectors at once (torch.func)."""
+    """One architecture applied to many flat parameter vectors at once.
+
+    A stack of Flatten, Linear and ReLU layers (logreg, mlp) runs as batched
+    matrix products over the workers, one autograd pass for all of them (the
+    sum of the workers' losses: each worker's gradient is its own, as no
+    parameter is shared); any other model through torch.func's vmap of grad,
+    which costs several times more per worker at these sizes (docs/simulator.md).
+    """
 
     def __init__(self, module):
         named = list(module.named_parameters())
@@ -104,6 +112,7 @@ class StackedModel:
         self.names = [name for name, _ in named]
         self.shapes = [p.shape for _, p in named]
         self.sizes = [p.numel() for _, p in named]
+        self.layers = _dense_layers(module)
         self._gradients = vmap(grad(self._loss, has_aux=True))
         self._logits = vmap(self._forward, in_dims=(0, None))
 
@@ -116,10 +125,33 @@ class StackedModel:
         loss = F.cross_entropy(self._forward(flat, x), y)
         return loss, loss
 
+    def _dense_forward(self, flats, x):
+        """Logits (W, batch, classes) of W flat vectors on x (W, batch, ...)."""
+        pieces = iter(flats.split(self.sizes, dim=1))
+        h = x
+        for layer in self.layers:
+            if isinstance(layer, nn.Flatten):
+                h = h.flatten(2)
+            elif isinstance(layer, nn.ReLU):
+                h = h.relu()
+            else:
+                weight = next(pieces).view(-1, layer.out_features, layer.in_features)
+                h = torch.bmm(h, weight.transpose(1, 2))
+                if layer.bias is not None:
+                    h = h + next(pieces).unsqueeze(1)
+        return h
+
     def gradients(self, flats, x, y):
         """(gradients (W, numel), losses (W,)) of W flat vectors, each on its own batch
         x[w], y[w]."""
-        return self._gradients(flats, x, y)
+        if self.layers is None:
+            return self._gradients(flats, x, y)
+        with torch.enable_grad():
+            leaf = flats.detach().requires_grad_()
+            logits = self._dense_forward(leaf, x)
+            losses = F.cross_entropy(logits.transpose(1, 2), y, reduction="none").mean(1)
+            gradients, = torch.autograd.grad(losses.sum(), leaf)
+        return gradients, losses.detach()
 
     @torch.no_grad()
     def loss_and_correct(self, flats, x, y, batch_size):
@@ -127,12 +159,23 @@ class StackedModel:
         loss = torch.zeros(len(flats), dtype=torch.float64)
         correct = torch.zeros(len(flats), dtype=torch.int64)
         for start in range(0, len(y), batch_size):
-            logits = self._logits(flats, x[start:start + batch_size])     # (W, b, classes)
+            part = x[start:start + batch_size]
+            logits = (self._logits(flats, part) if self.layers is None else       # (W, b, classes)
+                      self._dense_forward(flats, part.expand(len(flats), *part.shape)))
             target = y[start:start + batch_size].expand(len(flats), -1)
             loss += F.cross_entropy(logits.transpose(1, 2), target,
                                     reduction="none").sum(1).double()
             correct += (logits.argmax(2) == target).sum(1)
         return loss, correct
+
+
+def _dense_layers(module):
+    """The layers of a Sequential of Flatten (whole sample), Linear and ReLU only, or None."""
+    layers = list(module) if isinstance(module, nn.Sequential) else []
+    dense = all(isinstance(layer, (nn.Linear, nn.ReLU)) or
+                (isinstance(layer, nn.Flatten) and (layer.start_dim, layer.end_dim) == (1, -1))
+                for layer in layers)
+    return layers if layers and dense else None
 
 
 @torch.no_grad()
