@@ -59,3 +59,21 @@ def test_the_last_rank_to_write_a_generation_sees_it_complete():
         assert comm.allreduce(seen == generation, op=MPI.LOR), \
             f"nobody saw generation {generation} complete"
     control.close()
+
+
+@pytest.mark.mpi(min_size=2)
+def test_the_first_rank_to_fail_is_the_one_every_rank_reads():
+    """Every rank records a failure at once: exactly one wins the compare-and-swap,
+    and every rank, the losers included, then reads that one rank."""
+    control = JobControl(comm)
+    control.add_samples(0)
+    assert control.failed is None and control.read_failed() is None
+    comm.Barrier()
+    won = control.fail(comm.rank)
+    comm.Barrier()
+    control.add_samples(0)
+    winners = comm.allgather(comm.rank if won else None)
+    firsts = [rank for rank in winners if rank is not None]
+    assert len(firsts) == 1, winners
+    assert control.failed == firsts[0] == control.read_failed()
+    control.close()

@@ -294,6 +294,49 @@ def test_an_atomic_call_waiting_for_a_lock_a_dead_rank_holds_ends_its_rank(tmp_p
                 in err), err[-3000:]
 
 
+ONE_RANK_FAILS = """
+import sys, time, torch, aau_mpi
+ctx = aau_mpi.init()
+m = torch.nn.Linear(4, 2)
+opt = aau_mpi.DecentralizedOptimizer(torch.optim.SGD(m.parameters(), lr=0.01), m,
+                                     policy=sys.argv[1], on_rank_loss=sys.argv[2], watchdog=None,
+                                     schedule=aau_mpi.Schedule(time_budget=120))
+x = torch.randn(8, 4)
+while not opt.should_stop():
+    opt.zero_grad(); m(x).pow(2).mean().backward(); opt.step()
+    time.sleep(0.002)
+    if ctx.rank == 2 and opt.iteration == 50:
+        raise ValueError("a bad batch on rank 2")
+opt.finish()
+print(f"rank {ctx.rank}: finished", flush=True)
+"""
+
+
+@launcher_required()
+@ulfm_required
+@pytest.mark.parametrize("policy, mode", [("async", "continue"), ("aau", "abort"),
+                                          ("allreduce", "abort")])
+def test_one_ranks_error_ends_the_job_under_ulfm(tmp_path, policy, mode):
+    """Under ULFM MPI_Abort ends only its caller, and nobody else notices: the
+    others trained on (async) or waited in their collective for ever
+    (allreduce). The failing rank records the failure and dies visibly; the
+    others end with a line naming it, in either on_rank_loss mode."""
+    script = tmp_path / "fails.py"
+    script.write_text(ONE_RANK_FAILS)
+    job = subprocess.Popen([str(MPIEXEC), *ULFM, "-n", "4", sys.executable, str(script),
+                            policy, mode], env=ENV, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = job.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        stop(job)
+        pytest.fail(f"the job went on for 60 s after rank 2's error: {job.communicate()[1][-3000:]}")
+    assert job.returncode != 0 and "finished" not in out, (out, err[-3000:])
+    assert "ValueError: a bad batch on rank 2" in err, err[-3000:]
+    for rank in (0, 1, 3):
+        assert f"[rank {rank}] error: rank 2 ended the job with an error" in err, err[-3000:]
+
+
 METRICS_ACROSS_A_LOSS = """
 import os, signal, sys, time, torch, aau_mpi
 ctx = aau_mpi.init()

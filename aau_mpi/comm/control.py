@@ -5,7 +5,10 @@ A small window on rank 0 holds int64 words:
     0          samples used by all ranks together (the global sample budget)
     1          the event word: job-wide events, announced in order
                (its encoding is `aau_mpi.algorithms.schedule`'s)
-    2 + r      the newest checkpoint generation that rank r has written
+    2          the failure word: 1 + the world rank that first ended the job
+               with an error, 0 while none has (under ULFM MPI_Abort ends
+               only its caller: the others learn of it here)
+    3 + r      the newest checkpoint generation that rank r has written
 
 Every operation is an atomic accumulate-family call (`Fetch_and_op`,
 `Compare_and_swap`, and `Get_accumulate` to read many words at a checkpoint)
@@ -27,7 +30,7 @@ from contextlib import nullcontext
 import numpy as np
 from mpi4py import MPI
 
-SAMPLES, EVENTS, GENERATIONS = 0, 1, 2
+SAMPLES, EVENTS, FAILED, GENERATIONS = 0, 1, 2, 3
 
 
 class JobControl:
@@ -43,10 +46,11 @@ class JobControl:
             table[:] = 0
             table[SAMPLES] = initial_samples
             table[GENERATIONS:] = -1
-        self._origin = np.zeros(max(2, self.size), np.int64)
-        self._result = np.zeros(max(2, self.size), np.int64)
+        self._origin = np.zeros(max(3, self.size), np.int64)
+        self._result = np.zeros(max(3, self.size), np.int64)
         self._compare = np.zeros(1, np.int64)
         self.round_trips = 0
+        self.failed = None  # the world rank that ended the job with an error, as last read
         comm.Barrier()  # initialised before anyone reads
         self.win.Lock_all()
         comm.Barrier()
@@ -63,11 +67,12 @@ class JobControl:
         return result.copy()
 
     def add_samples(self, samples):
-        """Add this rank's samples; return (total after the addition, event word).
+        """Add this rank's samples; return (total after the addition, event word), and
+        read the failure word into `failed`.
 
-        Two Fetch_and_op calls completed by one Flush: one round trip. Each
+        Three Fetch_and_op calls completed by one Flush: one round trip. Each
         word is read atomically, which is all that is needed (the words are
-        independent). Get_accumulate over both would be one call, but leaked
+        independent). Get_accumulate over them would be one call, but leaked
         128 bytes per call in MPICH's wheel.
         """
         self._origin[0] = samples
@@ -76,9 +81,33 @@ class JobControl:
                                   [self._result[:1], 1, MPI.INT64_T], 0, SAMPLES, op=MPI.SUM)
             self.win.Fetch_and_op([self._origin[:1], 1, MPI.INT64_T],
                                   [self._result[1:2], 1, MPI.INT64_T], 0, EVENTS, op=MPI.NO_OP)
+            self.win.Fetch_and_op([self._origin[:1], 1, MPI.INT64_T],
+                                  [self._result[2:3], 1, MPI.INT64_T], 0, FAILED, op=MPI.NO_OP)
             self.win.Flush(0)
         self.round_trips += 1
+        self._saw_failure(self._result[2])
         return int(self._result[0]) + samples, int(self._result[1])
+
+    def fail(self, world_rank):
+        """Record that `world_rank` ends the job with an error, unless a rank did first;
+        True when it is the first."""
+        self._origin[0], self._compare[0] = world_rank + 1, 0
+        with self._atomic:
+            self.win.Compare_and_swap(self._origin[:1], self._compare, self._result[:1], 0,
+                                      FAILED)
+            self.win.Flush(0)
+        self.round_trips += 1
+        self._saw_failure(self._result[0] or world_rank + 1)
+        return self.failed == world_rank
+
+    def read_failed(self):
+        """Read the failure word into `failed` (None: no rank ended the job); return it."""
+        self._saw_failure(self._read(FAILED, 1)[0])
+        return self.failed
+
+    def _saw_failure(self, word):
+        if word:
+            self.failed = int(word) - 1
 
     def announce(self, seen, new):
         """Swap the event word from `seen` to `new`; return the word found there.

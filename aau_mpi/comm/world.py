@@ -13,6 +13,7 @@ within about half that round trip. On rank 0's node the offset is 0.
 """
 
 import os
+import signal
 import sys
 import time
 import traceback
@@ -28,6 +29,8 @@ ABORT_GRACE_SECONDS = 0.5
 # deadlocked in 4 of 15 8-rank jobs whose 7 survivors aborted at once, 0 of 15
 # with the aborts 0.05 s apart by rank (docs/reliability.md).
 ULFM_ABORT_SPACING_SECONDS = 0.05
+# What tells the job's other ranks before this one aborts (set_abort_notice).
+_abort_notice = [None]
 OFFSET_ROUNDS = 8          # ping-pongs per node leader; the fastest one is kept
 
 
@@ -116,23 +119,45 @@ def init_world(comm=None, device=None):
                  start_time=start, clock_offset=offset, device=device)
 
 
+def set_abort_notice(notice):
+    """`notice()` runs before an abort: the job's control window records the
+    failure, True when this rank's is the job's first; None clears it."""
+    _abort_notice[0] = notice
+
+
+def _notify_abort():
+    if _abort_notice[0] is None:
+        return False
+    try:
+        return _abort_notice[0]()
+    except Exception:  # noqa: BLE001 (the abort must happen whatever this does)
+        return False
+
+
 def report_and_abort(message, exit_code=2, comm=None):
     """Print one error line and end the whole job.
 
     Every rank that hits the problem prints it; Abort then ends the ranks that
     did not (they may be blocked in a collective or waiting for a deposit), so
-    one rank's error never leaves the job hanging. Under ULFM Abort ends only
-    this rank, and ranks that abort together are spaced out (see
-    ULFM_ABORT_SPACING_SECONDS).
+    one rank's error never leaves the job hanging.
+
+    Under ULFM Abort ends only this rank, unseen by the others. So the job's
+    first failure is recorded in the control window (set_abort_notice), and
+    that rank dies by SIGKILL, which ULFM reports: the others see a lost rank,
+    read the record and end with an error of their own (a failure is not a
+    loss to survive), spaced out (see ULFM_ABORT_SPACING_SECONDS).
     """
     comm = comm or MPI.COMM_WORLD
     prefix = f"[rank {comm.Get_rank()}] " if comm.Get_size() > 1 else ""
     print(f"{prefix}error: {message}", file=sys.stderr, flush=True)
+    first = _notify_abort()
     if comm.Get_size() > 1:
         # The launcher forwards our stderr asynchronously; aborting at once
         # let MPICH's mpiexec kill the job before the line reached the user.
         time.sleep(ABORT_GRACE_SECONDS)
         if ulfm_available():
+            if first:
+                os.kill(os.getpid(), signal.SIGKILL)
             time.sleep(ULFM_ABORT_SPACING_SECONDS * MPI.COMM_WORLD.Get_rank())
         comm.Abort(exit_code)
     sys.exit(exit_code)

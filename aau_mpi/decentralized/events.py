@@ -38,7 +38,9 @@ import time
 import numpy as np
 from mpi4py import MPI
 
+from aau_mpi.base.errors import UserError
 from aau_mpi.comm.control import JobControl
+from aau_mpi.comm.world import set_abort_notice
 from aau_mpi.algorithms.schedule import RUNNING, Schedule, events_announced
 
 FLUSH_SECONDS = 0.02          # the shortest interval between a rank's flushes
@@ -46,6 +48,14 @@ FLUSH_SHARE = 0.002           # ... and a fraction of the training time so far
 BUDGET_SHARE = 0.004          # the most of the sample budget all ranks hold unreported
 WAITING_POLL_RATE = 1000      # polls per second of rank 0's words by all waiting ranks, at most
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class JobFailed(UserError):
+    """Another rank ended the job with an error: end this rank too."""
+
+    def __init__(self, rank):
+        super().__init__(f"rank {rank} ended the job with an error (its line above)")
+        self.rank = rank
 
 
 class JobEvents:
@@ -59,6 +69,9 @@ class JobEvents:
         self.barrier = barrier or (lambda: comm.Barrier())
         self.flush_seconds = flush_seconds
         self.control = JobControl(comm, guard=guard)
+        # A rank that ends the job with an error says so here first, so that
+        # the others end too (under ULFM its MPI_Abort ends only itself).
+        set_abort_notice(lambda: self.control.fail(MPI.COMM_WORLD.Get_rank()))
         size = comm.Get_size()
         # While waiting (for a straggler, say) every rank polls; spaced so that
         # rank 0 answers at most WAITING_POLL_RATE of them a second at any N.
@@ -79,7 +92,7 @@ class JobEvents:
         self.excluded = 0.0               # evaluation seconds in this job
         self.started = clock()
         self._pending = 0
-        self._flushed = time.monotonic()
+        self._flushed = self._failure_read = time.monotonic()
         self._agreed_progress = 0.0
 
     # ---- clocks and progress ----------------------------------------------
@@ -167,7 +180,20 @@ class JobEvents:
         self.samples, word = self.control.add_samples(self._pending)
         self._pending = 0
         self._flushed = time.monotonic()
+        self._end_if_failed()
         self.word = max(self.word, self._announce(word))
+
+    def check_failed(self):
+        """While waiting in a collective: end this rank if another ended the job."""
+        if time.monotonic() - self._failure_read >= self.poll_seconds:
+            self._failure_read = time.monotonic()
+            self.control.read_failed()
+            self._end_if_failed()
+
+    def _end_if_failed(self):
+        if self.control.failed is not None:
+            raise JobFailed(self.control.failed)
+
 
     def _announce(self, word):
         """Announce whatever is due after `word`; return the newest event word."""
@@ -216,5 +242,6 @@ class JobEvents:
 
     def close(self):
         """Collective."""
+        set_abort_notice(None)
         self.control.close()
 

@@ -31,7 +31,7 @@ from aau_mpi.comm.survivors import (LossDetector, StallGuard, explained_by_loss,
 from aau_mpi.base.errors import UserError
 from aau_mpi.decentralized.collectives import wait_for
 from aau_mpi.decentralized.device import select_device
-from aau_mpi.decentralized.events import JobEvents
+from aau_mpi.decentralized.events import JobEvents, JobFailed
 from aau_mpi.decentralized.metric_average import MetricAverages
 
 
@@ -87,8 +87,10 @@ class Membership:
         self.events.poll()
 
     def waiting_in(self, what):
-        """Between polls in a collective: a lost rank, then the watchdog."""
+        """Between polls in a collective: a lost rank, a rank that ended the job, then
+        the watchdog."""
         self.check_for_loss()
+        self.events.check_failed()
         self.watchdog.waiting(what)
 
     def explains(self, error):
@@ -162,7 +164,9 @@ class Survival:
     job was lost (`is_loss(error)`, Membership.explains, says so) and the mode
     is continue, `recover()` rebuilds on the survivors and False comes back:
     the caller decides whether to run its action again; in mode abort the
-    loss ends the job with one line.
+    loss ends the job with one line. A rank that ended the job with an error
+    (`failed()` names it: under ULFM it dies so that the others see it) is
+    not survived.
 
     Only the outermost run recovers: a loss inside an evaluation that a step
     serves unwinds the whole step, on every rank alike, so that no rank
@@ -170,8 +174,8 @@ class Survival:
     skip it: its evaluation point has passed).
     """
 
-    def __init__(self, mode, recover, is_loss):
-        self.mode, self.recover, self.is_loss = mode, recover, is_loss
+    def __init__(self, mode, recover, is_loss, failed):
+        self.mode, self.recover, self.is_loss, self.failed = mode, recover, is_loss, failed
         self._depth = 0
 
     def run(self, action, *args):
@@ -185,6 +189,12 @@ class Survival:
         except Exception as error:  # noqa: BLE001 (only a lost rank is survived)
             if not self.is_loss(error):
                 raise
+            try:
+                failed = self.failed()
+            except MPI.Exception:  # the record is on a lost rank 0 another node held
+                failed = None
+            if failed is not None:  # that rank ended the job with an error, and died
+                raise JobFailed(failed) from None
             if self.mode != "continue":
                 raise UserError("a rank of the job was lost: ending the job (faults."
                                 "on_rank_loss: continue keeps the survivors training, under "

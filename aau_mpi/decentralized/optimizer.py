@@ -128,7 +128,8 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
         self.checkpoints = checkpoints
         self.lost_ranks = []  # {"ranks": original ranks, "time": training seconds, ...} per loss
         self._survival = Survival(self.on_rank_loss, self._recover,
-                                  lambda error: self.membership.explains(error))
+                                  lambda error: self.membership.explains(error),
+                                  lambda: self.membership.events.control.read_failed())
         self._abandoned = []  # (membership, exchange) that lost a rank, kept unfreed
 
         self.params = FlatParameters(model)
