@@ -40,6 +40,7 @@ from mpi4py import MPI
 
 from aau_mpi.base.errors import UserError
 from aau_mpi.comm.control import JobControl
+from aau_mpi.comm.survivors import ulfm_available
 from aau_mpi.comm.world import set_abort_notice
 from aau_mpi.algorithms.schedule import RUNNING, Schedule, events_announced
 
@@ -69,9 +70,11 @@ class JobEvents:
         self.barrier = barrier or (lambda: comm.Barrier())
         self.flush_seconds = flush_seconds
         self.control = JobControl(comm, guard=guard)
-        # A rank that ends the job with an error says so here first, so that
-        # the others end too (under ULFM its MPI_Abort ends only itself).
-        set_abort_notice(lambda: self.control.fail(MPI.COMM_WORLD.Get_rank()))
+        # Under ULFM a rank's MPI_Abort ends only itself: a rank that ends the job
+        # with an error says so here first, so that the others end too (elsewhere
+        # the abort ends them, each with its own line).
+        if ulfm_available():
+            set_abort_notice(lambda: self.control.fail(MPI.COMM_WORLD.Get_rank()))
         size = comm.Get_size()
         # While waiting (for a straggler, say) every rank polls; spaced so that
         # rank 0 answers at most WAITING_POLL_RATE of them a second at any N.
