@@ -1,7 +1,7 @@
 """Weak scaling in the simulator: 16 to 1024 workers on two hardware profiles.
 
     python bench/projection.py [--ranks 16 64 256 1024] [--seeds 0 1 2]
-                               [--largest-seeds 1] [--iterations 1000]
+                               [--largest-seeds 1] [--tune-ranks 16 64 256] [--iterations 1000]
                                [--profiles accelerator ethernet]
                                [--settings none slow_tenth pareto] [--policies ...]
                                [--calibration F] [--jobs 2] [--quick] [--runs DIR] [--out DIR]
@@ -27,9 +27,12 @@ Settings: none; slow_tenth (a tenth of the workers, spread over the ranks,
 2-8x slower, the factors log-spaced); pareto (bench/emulated.py's: every
 step delayed with probability 0.1 by Pareto(1.5) steps, at most 20).
 
-1. Tuning, per (policy, N), on --tune-seed, accelerator profile, no
-   stragglers: the grid extended until the best rate has a tried rate on
-   both sides (bench/emulated.py's next_rate, tuning_key).
+1. Tuning, per (policy, N) for N in --tune-ranks, on --tune-seed,
+   accelerator profile, no stragglers: the grid extended until the best
+   rate has a tried rate on both sides (bench/emulated.py's next_rate,
+   tuning_key). By default the largest N is not tuned (at 1024 workers a
+   grid costs more than all its evaluations) and takes the rates of the
+   largest tuned N; the JSON's plan says which.
 2. Evaluation: every profile, setting, policy and N on --seeds (at the
    largest N only the first --largest-seeds of them, said in the JSON).
 
@@ -95,14 +98,16 @@ def task(plan, phase, ranks, profile, setting, seed, policy, lr):
 
 
 def tune(plan, processes):
-    """Per N, each policy's rate: the grid, then rates off its edge, all policies at once."""
+    """Per tuned N, each policy's rate: the grid, then rates off its edge, all policies at
+    once; an N above the largest tuned one takes that one's rates."""
+    tuned = plan["tune_ranks"]
     records = simulation.run_all([task(plan, "tune", n, "accelerator", "none",
                                        plan["tune_seed"], policy, lr)
-                                  for n in plan["ranks"] for policy in plan["policies"]
+                                  for n in tuned for policy in plan["policies"]
                                   for lr in plan["lrs"]], processes)
     while True:
         more = []
-        for n, policy in itertools.product(plan["ranks"], plan["policies"]):
+        for n, policy in itertools.product(tuned, plan["policies"]):
             mine = [r for r in records if (r["ranks"], r["policy"]) == (n, policy)]
             lr = emulated.next_rate(plan["lrs"], [with_target(r) for r in mine], policy)
             if lr is not None:
@@ -111,9 +116,11 @@ def tune(plan, processes):
         if not more:
             break
         records += simulation.run_all(more, processes)
-    best = {}
+    best = {n: report.best_rates([with_target(r) for r in records if r["ranks"] == n])
+            for n in tuned}
     for n in plan["ranks"]:
-        best[n] = report.best_rates([with_target(r) for r in records if r["ranks"] == n])
+        if n not in best:
+            best[n] = best[max(t for t in tuned if t < n)]
     return records, best
 
 
@@ -255,6 +262,9 @@ def parse_args(argv=None):
     parser.add_argument("--largest-seeds", type=int, default=1,
                         help="seeds at the largest N (the first of --seeds)")
     parser.add_argument("--tune-seed", type=int, default=100)
+    parser.add_argument("--tune-ranks", type=int, nargs="+",
+                        help="the N tuned (default: every --ranks but the largest, which "
+                             "takes the largest tuned N's rates)")
     parser.add_argument("--iterations", type=int, default=1000, help="steps a worker")
     parser.add_argument("--profiles", nargs="+", choices=PROFILES, default=list(PROFILES))
     parser.add_argument("--settings", nargs="+", choices=SETTINGS, default=list(SETTINGS))
@@ -276,6 +286,12 @@ def parse_args(argv=None):
     if args.tune_seed in args.seeds:
         parser.error(f"--tune-seed {args.tune_seed} is also an evaluation seed: tune on a "
                      f"seed that is never evaluated")
+    if args.tune_ranks is None:
+        args.tune_ranks = sorted(args.ranks)[:-1] or list(args.ranks)
+    if not set(args.tune_ranks) <= set(args.ranks) or min(args.tune_ranks) != min(args.ranks):
+        parser.error(f"--tune-ranks {args.tune_ranks}: give N of --ranks {args.ranks}, the "
+                     f"smallest included (an untuned N takes the rates of the largest tuned "
+                     f"N below it)")
     if not 1 <= args.largest_seeds <= len(args.seeds):
         parser.error(f"--largest-seeds {args.largest_seeds}: give 1 to {len(args.seeds)}")
     return args
@@ -288,7 +304,8 @@ def main(argv=None):
     runs_dir = Path(args.runs or benchlib.REPO / "runs" / "projection").resolve()
     plan = {"config": str(Path(args.config).resolve()), "ranks": sorted(args.ranks),
             "seeds": args.seeds, "largest_seeds": args.largest_seeds,
-            "tune_seed": args.tune_seed, "iterations": args.iterations,
+            "tune_seed": args.tune_seed, "tune_ranks": sorted(args.tune_ranks),
+            "iterations": args.iterations,
             "profiles": args.profiles, "settings": args.settings, "policies": args.policies,
             "lrs": args.lrs, "calibration": args.calibration or default_calibration(),
             "batch_size": load_config(args.config).data.batch_size,
@@ -314,7 +331,8 @@ def main(argv=None):
         f"`{plan['command']}`: {plan['iterations']} iterations a worker, step "
         f"{STEP_SECONDS * 1e3:g} ms, payload {PAYLOAD_BYTES / 1e6:g} MB, calibration "
         f"{plan['calibration']}; seeds {plan['seeds']} ({plan['largest_seeds']} at N = "
-        f"{max(plan['ranks'])}); figures are the mean [lowest, highest] over the seeds, to "
+        f"{max(plan['ranks'])}); rates tuned at N = {plan['tune_ranks']} (a larger N takes "
+        f"the largest tuned N's); figures are the mean [lowest, highest] over the seeds, to "
         f"the target {runs[0]['target']} only where every seed reached it.\n\n"
         + benchlib.markdown_table(HEADERS, table))
     plot(record, out / "simulation_projection.png")

@@ -268,6 +268,15 @@ def test_projection_quick(tmp_path):
     assert "virtual s (" not in again.stdout, "every run folder was read, none simulated"
 
 
+def test_the_largest_n_is_not_tuned_unless_asked_and_the_smallest_always_is(capsys):
+    assert projection.parse_args([]).tune_ranks == [16, 64, 256]
+    assert projection.parse_args(["--tune-ranks", "16", "1024"]).tune_ranks == [16, 1024]
+    assert projection.parse_args(["--ranks", "8"]).tune_ranks == [8]
+    with pytest.raises(SystemExit):
+        projection.parse_args(["--tune-ranks", "64", "256"])
+    assert "the smallest included" in capsys.readouterr().err
+
+
 def test_a_tenth_of_the_workers_is_slow_spread_over_the_ranks_2_to_8x():
     section = projection.straggler_section("slow_tenth", 64, seed=0)
     assert len(section["ranks"]) == 6 and section["ranks"] == sorted(set(section["ranks"]))
