@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -335,6 +336,38 @@ def test_one_ranks_error_ends_the_job_under_ulfm(tmp_path, policy, mode):
     assert "ValueError: a bad batch on rank 2" in err, err[-3000:]
     for rank in (0, 1, 3):
         assert f"[rank {rank}] error: rank 2 ended the job with an error" in err, err[-3000:]
+
+
+GUARDED_SLEEP = """
+import sys, time
+from aau_mpi.comm.survivors import StallGuard
+guard = StallGuard(seconds=float(sys.argv[1]), tick=0.1)
+print("inside", flush=True)
+with guard.atomic(5):
+    time.sleep(float(sys.argv[2]))
+print("returned", flush=True)
+"""
+
+
+def test_the_stall_guard_counts_the_process_running_time_not_a_pause(tmp_path):
+    """A call inside longer than `seconds` ends the process with its line; a whole
+    process stopped (SIGSTOP, a suspended Slurm job) for longer is not a stall."""
+    script = tmp_path / "guarded.py"
+    script.write_text(GUARDED_SLEEP)
+    stalled = subprocess.run([sys.executable, str(script), "1", "30"], env=ENV,
+                             capture_output=True, text=True, timeout=20)
+    assert stalled.returncode == -signal.SIGKILL and "returned" not in stalled.stdout
+    assert "an atomic one-sided call to rank 5 has not returned in 1 s" in stalled.stderr
+
+    paused = subprocess.Popen([sys.executable, str(script), "3", "6"], env=ENV,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert paused.stdout.readline() == "inside\n"
+    time.sleep(0.5)
+    paused.send_signal(signal.SIGSTOP)
+    time.sleep(4)
+    paused.send_signal(signal.SIGCONT)
+    out, err = paused.communicate(timeout=20)
+    assert paused.returncode == 0 and "returned" in out, err[-2000:]
 
 
 METRICS_ACROSS_A_LOSS = """
