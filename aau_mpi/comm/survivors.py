@@ -157,9 +157,10 @@ class StallGuard:
     """Ends this rank when an atomic RMA call has not returned for `seconds`.
 
     Wrap each accumulate-family call (and the Flush that completes it) in
-    `with watch:`, where `watch = guard.atomic(target)` (reusable). A thread that makes no MPI call (mpi4py
-    releases the GIL inside MPI) counts how long each call has been inside,
-    in its own running time: a job that Slurm suspends does not count. A call
+    `with watch:`, where `watch = guard.atomic(target)` (reusable). A thread
+    that makes no MPI call (mpi4py releases the GIL inside MPI) counts how
+    long each call has been inside, in its own running time: a job that
+    Slurm suspends does not count. A call
     past `seconds` waits for a lock held by a rank that died inside its own
     call (osc sm, module docstring), which nothing will release: the rank
     prints one line and SIGKILLs itself, a death that ULFM reports, so the

@@ -197,7 +197,6 @@ class JobEvents:
         if self.control.failed is not None:
             raise JobFailed(self.control.failed)
 
-
     def _announce(self, word):
         """Announce whatever is due after `word`; return the newest event word."""
         while (new := self.schedule.next_word(word, self.evaluations_before, self.samples,
