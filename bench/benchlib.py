@@ -94,6 +94,21 @@ def mpi_library():
     return MPI.Get_library_version().splitlines()[0].strip().rstrip("\0")
 
 
+def source():
+    """The commit this checkout's code is at, with "+edits" when tracked files differ
+    from it (a benchmark that relaunches imports the tree as it is then); None
+    outside git."""
+    def git(*args):
+        return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True,
+                              text=True).stdout.strip()
+    try:
+        commit = git("rev-parse", "--short", "HEAD")
+        edited = git("status", "--porcelain", "--untracked-files=no")
+    except OSError:
+        return None
+    return commit + ("+edits" if edited else "") if commit else None
+
+
 def today():
     return datetime.date.today().isoformat()
 

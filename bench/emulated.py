@@ -137,6 +137,8 @@ class Worker:
         from aau_mpi.decentralized.device import init
         self.plan = plan
         self.world = init(device="cpu")
+        # What this job imported (a relaunch imports the tree as it is then): in each record.
+        self.code = benchlib.source() if self.world.rank == 0 else None
         self.poll_cap = poll_cap(self.world)
         self.comm = self.world.comm
         self.data = None
@@ -181,7 +183,7 @@ class Worker:
             if comm.rank == 0:
                 record = {"phase": phase, "partition": part, "setting": setting, "seed": seed,
                           "policy": policy, "lr": lr, "target": config.eval.target_accuracy,
-                          **record, "refused_attempts": refused}
+                          **record, "refused_attempts": refused, "code": self.code}
                 benchlib.write_json(done, record)
         if comm.rank == 0:
             print(report.run_line(record), flush=True)
@@ -307,7 +309,7 @@ def main(argv=None):
     result = json.loads((runs_dir / "result.json").read_text())
     result["plan"] = {**plan, "wall_seconds": round(time.perf_counter() - started),
                       "date": benchlib.today(), "machine": benchlib.machine(),
-                      "mpi": benchlib.mpi_library()}
+                      "mpi": benchlib.mpi_library(), "code": benchlib.source()}
     report.write(result, Path(args.out), f"n{args.ranks}")
     write_calibration(result, Path(args.out) / f"calibration-n{args.ranks}.json")
 

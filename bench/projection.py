@@ -317,7 +317,7 @@ def main(argv=None):
         tuning, best = tune(plan, processes)
         runs = simulation.run_all(evaluation_tasks(plan, best), processes)
     plan.update(wall_seconds=round(time.perf_counter() - started), date=benchlib.today(),
-                machine=benchlib.machine(),
+                machine=benchlib.machine(), code=benchlib.source(),
                 command=" ".join(["python bench/projection.py", *map(str, argv or [])]))
     rows = rows_of(runs)
     record = {"benchmark": "simulation_projection", "plan": plan,

@@ -234,7 +234,7 @@ def validate(args):
                  / max(1, sum(1 for r in compared if r["ranks"] == ranks))
                  for ranks in calibrations}
     record = {"benchmark": "simulation_validation", "date": benchlib.today(),
-              "machine": benchlib.machine(), "emulated": [str(p) for p in args.emulated],
+              "machine": benchlib.machine(), "code": benchlib.source(), "emulated": [str(p) for p in args.emulated],
               "calibrations": calibrations, "tolerance": TOLERANCE,
               "share_within_15pct": share, "share_within_15pct_by_ranks": per_ranks,
               "within": within, "compared": len(compared),

@@ -18,7 +18,8 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))
 
-import emulated  # noqa: E402  (bench/ is not a package)
+import benchlib  # noqa: E402  (bench/ is not a package)
+import emulated  # noqa: E402
 import emulated_report  # noqa: E402
 import projection  # noqa: E402
 import simulation  # noqa: E402
@@ -266,6 +267,27 @@ def test_projection_quick(tmp_path):
     assert_png(out / "simulation_projection.png")
     again = run_bench("projection.py", *args, timeout=350)
     assert "virtual s (" not in again.stdout, "every run folder was read, none simulated"
+
+
+def test_a_result_names_the_commit_its_code_was_at_and_says_when_the_tree_differed(tmp_path):
+    head = subprocess.run(["git", "-C", str(benchlib.REPO), "rev-parse", "--short", "HEAD"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    assert benchlib.source() in (head, head + "+edits")
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(benchlib.REPO), str(clone)], check=True)
+    original = benchlib.REPO
+    try:
+        benchlib.REPO = clone
+        assert benchlib.source() == head  # a clean clone of the commit
+        (clone / "README.md").write_text("edited\n")
+        assert benchlib.source().endswith("+edits")
+    finally:
+        benchlib.REPO = original
+    benchlib.REPO = tmp_path  # no git there
+    try:
+        assert benchlib.source() is None
+    finally:
+        benchlib.REPO = original
 
 
 def test_the_largest_n_is_not_tuned_unless_asked_and_the_smallest_always_is(capsys):
