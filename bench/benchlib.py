@@ -146,6 +146,17 @@ def text_table(headers, rows):
                      for line in lines)
 
 
+def write_report(out, stem, record, intro, headers, rows):
+    """A result as the docs cite it: out/stem.json (the record), out/stem.md (the
+    intro paragraph, then the table); the table printed. Returns the JSON's path."""
+    out = Path(out)
+    path = write_json(out / f"{stem}.json", record)
+    (out / f"{stem}.md").write_text(intro + "\n\n" + markdown_table(headers, rows))
+    print()
+    print(text_table(headers, rows))
+    return path
+
+
 # ------------------------------------------------------------ runs inside one job
 
 def train_run(world, config_path, overrides):

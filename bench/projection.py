@@ -323,21 +323,16 @@ def main(argv=None):
     record = {"benchmark": "simulation_projection", "plan": plan,
               "best_lr": {str(n): rates for n, rates in best.items()}, "rows": rows,
               "tuning": tuning, "runs": runs}
-    out = Path(args.out)
-    json_path = benchlib.write_json(out / "simulation_projection.json", record)
-    table = [table_cells(r) for r in rows]
-    (out / "simulation_projection.md").write_text(
-        f"# Simulated weak scaling to {max(plan['ranks'])} workers ({plan['date']})\n\n"
-        f"`{plan['command']}`: {plan['iterations']} iterations a worker, step "
-        f"{STEP_SECONDS * 1e3:g} ms, payload {PAYLOAD_BYTES / 1e6:g} MB, calibration "
-        f"{plan['calibration']}; seeds {plan['seeds']} ({plan['largest_seeds']} at N = "
-        f"{max(plan['ranks'])}); rates tuned at N = {plan['tune_ranks']} (a larger N takes "
-        f"the largest tuned N's); figures are the mean [lowest, highest] over the seeds, to "
-        f"the target {runs[0]['target']} only where every seed reached it.\n\n"
-        + benchlib.markdown_table(HEADERS, table))
-    plot(record, out / "simulation_projection.png")
-    print()
-    print(benchlib.text_table(HEADERS, table))
+    intro = (f"# Simulated weak scaling to {max(plan['ranks'])} workers ({plan['date']})\n\n"
+             f"`{plan['command']}`: {plan['iterations']} iterations a worker, step "
+             f"{STEP_SECONDS * 1e3:g} ms, payload {PAYLOAD_BYTES / 1e6:g} MB, calibration "
+             f"{plan['calibration']}; seeds {plan['seeds']} ({plan['largest_seeds']} at N = "
+             f"{max(plan['ranks'])}); rates tuned at N = {plan['tune_ranks']} (a larger N takes "
+             f"the largest tuned N's); figures are the mean [lowest, highest] over the seeds, to "
+             f"the target {runs[0]['target']} only where every seed reached it.")
+    json_path = benchlib.write_report(args.out, "simulation_projection", record, intro, HEADERS,
+                                      [table_cells(r) for r in rows])
+    plot(record, Path(args.out) / "simulation_projection.png")
     print(f"wrote {json_path} ({plan['wall_seconds']} s)")
 
 

@@ -234,24 +234,20 @@ def validate(args):
                  / max(1, sum(1 for r in compared if r["ranks"] == ranks))
                  for ranks in calibrations}
     record = {"benchmark": "simulation_validation", "date": benchlib.today(),
-              "machine": benchlib.machine(), "code": benchlib.source(), "emulated": [str(p) for p in args.emulated],
+              "machine": benchlib.machine(), "code": benchlib.source(),
+              "emulated": [str(p) for p in args.emulated],
               "calibrations": calibrations, "tolerance": TOLERANCE,
               "share_within_15pct": share, "share_within_15pct_by_ranks": per_ranks,
               "within": within, "compared": len(compared),
               "not_compared": len(rows) - len(compared), "rows": rows, "simulated": simulated}
-    out = Path(args.out)
-    json_path = benchlib.write_json(out / "simulation_validation.json", record)
-    table = [validation_cells(r) for r in rows]
-    (out / "simulation_validation.md").write_text(
-        f"# The simulator against the emulated-accelerator benchmark ({record['date']})\n\n"
-        f"`{' '.join(['python bench/simulation.py validate', *map(str, args.emulated)])}`. "
-        f"Per cell and pair of policies, the geometric mean over the seeds of the ratio of "
-        f"their times to the pair's common accuracy, real and simulated (calibrations "
-        f"{json.dumps(calibrations)}). {within} of {len(compared)} compared ratios within "
-        f"{TOLERANCE:.0%} ({len(rows) - len(compared)} pairs not compared).\n\n"
-        + benchlib.markdown_table(VALIDATION_HEADERS, table))
-    print()
-    print(benchlib.text_table(VALIDATION_HEADERS, table))
+    intro = (f"# The simulator against the emulated-accelerator benchmark ({record['date']})\n\n"
+             f"`{' '.join(['python bench/simulation.py validate', *map(str, args.emulated)])}`. "
+             f"Per cell and pair of policies, the geometric mean over the seeds of the ratio of "
+             f"their times to the pair's common accuracy, real and simulated (calibrations "
+             f"{json.dumps(calibrations)}). {within} of {len(compared)} compared ratios within "
+             f"{TOLERANCE:.0%} ({len(rows) - len(compared)} pairs not compared).")
+    json_path = benchlib.write_report(args.out, "simulation_validation", record, intro,
+                                      VALIDATION_HEADERS, [validation_cells(r) for r in rows])
     print(f"{within} of {len(compared)} within {TOLERANCE:.0%}; wrote {json_path}")
 
 
