@@ -269,25 +269,27 @@ def test_projection_quick(tmp_path):
     assert "virtual s (" not in again.stdout, "every run folder was read, none simulated"
 
 
-def test_a_result_names_the_commit_its_code_was_at_and_says_when_the_tree_differed(tmp_path):
-    head = subprocess.run(["git", "-C", str(benchlib.REPO), "rev-parse", "--short", "HEAD"],
-                          capture_output=True, text=True, check=True).stdout.strip()
-    assert benchlib.source() in (head, head + "+edits")
-    clone = tmp_path / "clone"
-    subprocess.run(["git", "clone", "-q", str(benchlib.REPO), str(clone)], check=True)
-    original = benchlib.REPO
-    try:
-        benchlib.REPO = clone
-        assert benchlib.source() == head  # a clean clone of the commit
-        (clone / "README.md").write_text("edited\n")
-        assert benchlib.source().endswith("+edits")
-    finally:
-        benchlib.REPO = original
-    benchlib.REPO = tmp_path  # no git there
-    try:
-        assert benchlib.source() is None
-    finally:
-        benchlib.REPO = original
+def test_a_result_names_the_commit_its_code_was_at_and_says_when_the_tree_differed(tmp_path,
+                                                                                   monkeypatch):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+
+    def git(*args):
+        return subprocess.run(["git", "-C", str(repo), "-c", "user.name=t", "-c",
+                               "user.email=t@example.org", *args], capture_output=True,
+                              text=True, check=True).stdout.strip()
+    git("init", "-q")
+    (repo / "code.py").write_text("x = 1\n")
+    git("add", "code.py")
+    git("commit", "-q", "-m", "code")
+    monkeypatch.setattr(benchlib, "REPO", repo)
+    assert benchlib.source() == git("rev-parse", "--short", "HEAD")
+    (repo / "untracked.txt").write_text("not code\n")
+    assert not benchlib.source().endswith("+edits"), "untracked files are not edits"
+    (repo / "code.py").write_text("x = 2\n")
+    assert benchlib.source() == git("rev-parse", "--short", "HEAD") + "+edits"
+    monkeypatch.setattr(benchlib, "REPO", tmp_path / "elsewhere")
+    assert benchlib.source() is None
 
 
 def test_the_largest_n_is_not_tuned_unless_asked_and_the_smallest_always_is(capsys):
