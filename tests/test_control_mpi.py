@@ -65,7 +65,7 @@ def test_the_last_rank_to_write_a_generation_sees_it_complete():
 def test_the_first_rank_to_fail_is_the_one_every_rank_reads():
     """Every rank records a failure at once: exactly one wins the compare-and-swap,
     and every rank, the losers included, then reads that one rank."""
-    control = JobControl(comm)
+    control = JobControl(comm, failure_word=True)
     control.add_samples(0)
     assert control.failed is None and control.read_failed() is None
     comm.Barrier()

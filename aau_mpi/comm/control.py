@@ -36,8 +36,10 @@ SAMPLES, EVENTS, FAILED, GENERATIONS = 0, 1, 2, 3
 class JobControl:
     """Collective to build and close; every other call is one-sided."""
 
-    def __init__(self, comm, initial_samples=0, guard=None):
+    def __init__(self, comm, initial_samples=0, guard=None, failure_word=False):
         self.comm, self.rank, self.size = comm, comm.Get_rank(), comm.Get_size()
+        # Read with every flush only where it can be written (under ULFM).
+        self.failure_word = failure_word
         self._atomic = guard.atomic(0) if guard is not None else nullcontext()
         words = GENERATIONS + self.size
         self.win = MPI.Win.Allocate(8 * words if self.rank == 0 else 0, disp_unit=8, comm=comm)
@@ -68,12 +70,12 @@ class JobControl:
 
     def add_samples(self, samples):
         """Add this rank's samples; return (total after the addition, event word), and
-        read the failure word into `failed`.
+        with `failure_word` read that word into `failed`.
 
-        Three Fetch_and_op calls completed by one Flush: one round trip. Each
-        word is read atomically, which is all that is needed (the words are
-        independent). Get_accumulate over them would be one call, but leaked
-        128 bytes per call in MPICH's wheel.
+        Two or three Fetch_and_op calls completed by one Flush: one round trip.
+        Each word is read atomically, which is all that is needed (the words
+        are independent). Get_accumulate over them would be one call, but
+        leaked 128 bytes per call in MPICH's wheel.
         """
         self._origin[0] = samples
         with self._atomic:
@@ -81,11 +83,14 @@ class JobControl:
                                   [self._result[:1], 1, MPI.INT64_T], 0, SAMPLES, op=MPI.SUM)
             self.win.Fetch_and_op([self._origin[:1], 1, MPI.INT64_T],
                                   [self._result[1:2], 1, MPI.INT64_T], 0, EVENTS, op=MPI.NO_OP)
-            self.win.Fetch_and_op([self._origin[:1], 1, MPI.INT64_T],
-                                  [self._result[2:3], 1, MPI.INT64_T], 0, FAILED, op=MPI.NO_OP)
+            if self.failure_word:
+                self.win.Fetch_and_op([self._origin[:1], 1, MPI.INT64_T],
+                                      [self._result[2:3], 1, MPI.INT64_T], 0, FAILED,
+                                      op=MPI.NO_OP)
             self.win.Flush(0)
         self.round_trips += 1
-        self._saw_failure(self._result[2])
+        if self.failure_word:
+            self._saw_failure(self._result[2])
         return int(self._result[0]) + samples, int(self._result[1])
 
     def fail(self, world_rank):

@@ -69,11 +69,12 @@ class JobEvents:
         self.on_evaluation = on_evaluation
         self.barrier = barrier or (lambda: comm.Barrier())
         self.flush_seconds = flush_seconds
-        self.control = JobControl(comm, guard=guard)
         # Under ULFM a rank's MPI_Abort ends only itself: a rank that ends the job
-        # with an error says so here first, so that the others end too (elsewhere
-        # the abort ends them, each with its own line).
-        if ulfm_available():
+        # with an error says so in the failure word first, so that the others end
+        # too (elsewhere the abort ends them, each with its own line).
+        ulfm = ulfm_available()
+        self.control = JobControl(comm, guard=guard, failure_word=ulfm)
+        if ulfm:
             set_abort_notice(lambda: self.control.fail(MPI.COMM_WORLD.Get_rank()))
         size = comm.Get_size()
         # While waiting (for a straggler, say) every rank polls; spaced so that
@@ -188,7 +189,8 @@ class JobEvents:
 
     def check_failed(self):
         """While waiting in a collective: end this rank if another ended the job."""
-        if time.monotonic() - self._failure_read >= self.poll_seconds:
+        if (self.control.failure_word
+                and time.monotonic() - self._failure_read >= self.poll_seconds):
             self._failure_read = time.monotonic()
             self.control.read_failed()
             self._end_if_failed()
