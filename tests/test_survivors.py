@@ -145,6 +145,22 @@ def test_with_abort_a_killed_rank_ends_the_job_under_ulfm(tmp_path):
     generations_verify(folder)
 
 
+def run_under_ulfm(tmp_path, source, ranks, *args, timeout, hang):
+    """Run the script `source` on `ranks` ranks under ULFM; past `timeout` its ranks
+    are killed and the test fails with `hang` (what did not happen)."""
+    script = tmp_path / "script.py"
+    script.write_text(source)
+    job = subprocess.Popen([str(MPIEXEC), *ULFM, "-n", str(ranks), sys.executable, str(script),
+                            *args], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True)
+    try:
+        out, err = job.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        stop(job)
+        pytest.fail(f"{hang} within {timeout} s: {job.communicate()[1][-3000:]}")
+    return subprocess.CompletedProcess(job.args, job.returncode, out, err)
+
+
 REVOKED_MID_COLLECTIVE = """
 import time
 from mpi4py import MPI
@@ -187,10 +203,8 @@ def test_a_revocation_that_a_nonblocking_collective_reports_as_another_error_is_
     schedule fails with MPI_ERR_OTHER, not MPI_ERR_REVOKED (it hung the survivor
     test above in CI: the rank ended with that error, the others waited for it).
     Every such error is read as the loss; an error of a rank's own is not."""
-    script = tmp_path / "revoked.py"
-    script.write_text(REVOKED_MID_COLLECTIVE)
-    result = subprocess.run([str(MPIEXEC), *ULFM, "-n", "8", sys.executable, str(script)],
-                            env=ENV, capture_output=True, text=True, timeout=120)
+    result = run_under_ulfm(tmp_path, REVOKED_MID_COLLECTIVE, 8, timeout=120,
+                            hang="the job did not end")
     assert result.returncode == 0, result.stderr[-3000:]
     lines = [line for line in result.stdout.splitlines() if line.startswith("rank ")]
     assert len(lines) == 8, result.stdout
@@ -228,18 +242,12 @@ def test_survivors_that_all_abort_after_a_loss_end_the_job(tmp_path):
     ranks gone, prterun waiting on a mutex for ever) in 4 of 15 jobs whose 7
     survivors aborted at the same moment; it hung the abort test above in CI.
     Eight such jobs must each end, with the survivors' exit status."""
-    script = tmp_path / "abort.py"
-    script.write_text(ABORT_AFTER_A_LOSS)
     for attempt in range(8):
-        job = subprocess.Popen([str(MPIEXEC), *ULFM, "-n", "8", sys.executable, str(script)],
-                               env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        try:
-            err = job.communicate(timeout=30)[1]
-        except subprocess.TimeoutExpired:
-            stop(job)
-            pytest.fail(f"attempt {attempt}: the job did not end within 30 s")
-        assert job.returncode == 2, err[-3000:]
-        assert err.count("error: a rank of the job was lost") == 7, err[-3000:]
+        result = run_under_ulfm(tmp_path, ABORT_AFTER_A_LOSS, 8, timeout=30,
+                                hang=f"attempt {attempt}: the job did not end")
+        assert result.returncode == 2, result.stderr[-3000:]
+        assert result.stderr.count("error: a rank of the job was lost") == 7, \
+            result.stderr[-3000:]
 
 
 HELD_LOCK = """
@@ -280,19 +288,12 @@ def test_an_atomic_call_waiting_for_a_lock_a_dead_rank_holds_ends_its_rank(tmp_p
     later Fetch_and_op on rank 0 spins for ever (7 survivors of the trainer
     were found so, 2.5 h after the kill). The StallGuard ends each such rank
     with one line, so the job ends instead of hanging."""
-    script = tmp_path / "held.py"
-    script.write_text(HELD_LOCK)
-    job = subprocess.Popen([str(MPIEXEC), *ULFM, "-n", "3", sys.executable, str(script)],
-                           env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        out, err = job.communicate(timeout=60)
-    except subprocess.TimeoutExpired:
-        stop(job)
-        pytest.fail("the ranks waiting for the dead rank's lock did not end within 60 s")
-    assert "returned" not in out, out
+    result = run_under_ulfm(tmp_path, HELD_LOCK, 3, timeout=60,
+                            hang="the ranks waiting for the dead rank's lock did not end")
+    assert "returned" not in result.stdout, result.stdout
     for rank in (0, 1):
         assert (f"[rank {rank}] error: an atomic one-sided call to rank 0 has not returned in 2 s"
-                in err), err[-3000:]
+                in result.stderr), result.stderr[-3000:]
 
 
 ONE_RANK_FAILS = """
@@ -322,17 +323,10 @@ def test_one_ranks_error_ends_the_job_under_ulfm(tmp_path, policy, mode):
     others trained on (async) or waited in their collective for ever
     (allreduce). The failing rank records the failure and dies visibly; the
     others end with a line naming it, in either on_rank_loss mode."""
-    script = tmp_path / "fails.py"
-    script.write_text(ONE_RANK_FAILS)
-    job = subprocess.Popen([str(MPIEXEC), *ULFM, "-n", "4", sys.executable, str(script),
-                            policy, mode], env=ENV, stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True)
-    try:
-        out, err = job.communicate(timeout=60)
-    except subprocess.TimeoutExpired:
-        stop(job)
-        pytest.fail(f"the job went on for 60 s after rank 2's error: {job.communicate()[1][-3000:]}")
-    assert job.returncode != 0 and "finished" not in out, (out, err[-3000:])
+    result = run_under_ulfm(tmp_path, ONE_RANK_FAILS, 4, policy, mode, timeout=60,
+                            hang="the job did not end after rank 2's error")
+    out, err = result.stdout, result.stderr
+    assert result.returncode != 0 and "finished" not in out, (out, err[-3000:])
     assert "ValueError: a bad batch on rank 2" in err, err[-3000:]
     for rank in (0, 1, 3):
         assert f"[rank {rank}] error: rank 2 ended the job with an error" in err, err[-3000:]
@@ -399,10 +393,8 @@ def test_metric_averages_in_flight_at_a_loss_are_dropped_and_later_ones_exact(tm
     """Ranks 0-2 average a metric every 5 steps; rank 3 never posts and is killed at
     its 100th step. The survivors' averages in flight then (all they had posted)
     are marked dropped, with a note; those posted after the loss are exact."""
-    script = tmp_path / "metrics.py"
-    script.write_text(METRICS_ACROSS_A_LOSS)
-    result = subprocess.run([str(MPIEXEC), *ULFM, "-n", "4", sys.executable, str(script)],
-                            env=ENV, capture_output=True, text=True, timeout=120)
+    result = run_under_ulfm(tmp_path, METRICS_ACROSS_A_LOSS, 4, timeout=120,
+                            hang="the job did not end")
     assert result.returncode == 0, result.stderr[-3000:]
     lines = sorted(line for line in result.stdout.splitlines() if line.startswith("rank "))
     assert [line.split(":")[0] for line in lines] == ["rank 0", "rank 1", "rank 2"], result.stdout
