@@ -151,6 +151,28 @@ def test_the_watchdog_ends_a_synchronous_job_whose_neighbour_stopped(tmp_path):
     assert job.returncode == 3, err[-3000:]
     lines = [line for line in err.splitlines() if "error: watchdog:" in line]
     assert lines and all("ending the job" in line for line in lines), err[-3000:]
-    # Ranks 0 and 2 wait for rank 1; rank 3 waits for them. Whichever reports
-    # first ends the job, so its line names rank 1 or ranks 0 and 2.
-    assert any("rank 1 (seq" in line or "rank 0 (seq" in line for line in lines), lines
+    # Ranks 0 and 2 wait for rank 1; rank 3 waits for them, or for rank 1 in an
+    # evaluation announced meanwhile. Whichever reports first ends the job, so
+    # its line names rank 1 or ranks 0 and 2; or rank 1 stopped inside an evaluation.
+    assert any("rank 1 (seq" in line or "rank 0 (seq" in line or "ranks [1]" in line
+               or "one stopped inside it" in line for line in lines), lines
+
+
+@pytest.mark.long
+def test_a_rank_kept_waiting_in_an_evaluation_names_the_rank_that_is_not_in_it(tmp_path):
+    # async never waits for a neighbour: the first wait is the next evaluation's.
+    job = start(4, *LONG, f"output.dir={tmp_path}", "policy.name=async",
+                "eval.every_epochs=null", "eval.every_seconds=0.5", "watchdog.seconds=2")
+    folder = tmp_path / "job"
+    try:
+        # The first evaluation's line: training has begun (set-up has no watchdog).
+        wait_for(lambda: (folder / "rank-00000.jsonl").exists()
+                 and (folder / "rank-00000.jsonl").stat().st_size, job)
+        os.kill(rank_pids(job.pid)[2], signal.SIGSTOP)
+        out, err = job.communicate(timeout=60)
+    finally:
+        stop(job)
+    assert job.returncode == 3, err[-3000:]
+    lines = [line for line in err.splitlines() if "error: watchdog:" in line]
+    assert any("in evaluation" in line and "not in it yet: ranks [2]" in line
+               for line in lines), lines

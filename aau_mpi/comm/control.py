@@ -9,6 +9,8 @@ A small window on rank 0 holds int64 words:
                with an error, 0 while none has (under ULFM MPI_Abort ends
                only its caller: the others learn of it here)
     3 + r      the newest checkpoint generation that rank r has written
+    3 + N + r  the newest evaluation that rank r has reached (N ranks), so that
+               a rank kept waiting in an evaluation can name who is missing
 
 Every operation is an atomic accumulate-family call (`Fetch_and_op`,
 `Compare_and_swap`, and `Get_accumulate` to read many words at a checkpoint)
@@ -41,13 +43,14 @@ class JobControl:
         # Read with every flush only where it can be written (under ULFM).
         self.failure_word = failure_word
         self._atomic = guard.atomic(0) if guard is not None else nullcontext()
-        words = GENERATIONS + self.size
+        self.reached_word = GENERATIONS + self.size
+        words = self.reached_word + self.size
         self.win = MPI.Win.Allocate(8 * words if self.rank == 0 else 0, disp_unit=8, comm=comm)
         if self.rank == 0:
             table = np.frombuffer(self.win.tomemory(), np.int64)
             table[:] = 0
             table[SAMPLES] = initial_samples
-            table[GENERATIONS:] = -1
+            table[GENERATIONS:self.reached_word] = -1
         self._origin = np.zeros(max(3, self.size), np.int64)
         self._result = np.zeros(max(3, self.size), np.int64)
         self._compare = np.zeros(1, np.int64)
@@ -142,6 +145,21 @@ class JobControl:
             self.win.Flush(0)
         self.round_trips += 1
         return int(self._read(GENERATIONS, self.size).min())
+
+    def reached(self, evaluation):
+        """Record that this rank reached evaluation number `evaluation`."""
+        self._origin[0] = evaluation
+        with self._atomic:
+            self.win.Fetch_and_op([self._origin[:1], 1, MPI.INT64_T],
+                                  [self._result[:1], 1, MPI.INT64_T], 0,
+                                  self.reached_word + self.rank, op=MPI.REPLACE)
+            self.win.Flush(0)
+        self.round_trips += 1
+
+    def not_reached(self, evaluation):
+        """The ranks that have not yet reached evaluation number `evaluation`."""
+        return [int(r) for r in np.flatnonzero(self._read(self.reached_word, self.size)
+                                                < evaluation)]
 
     def close(self):
         """Collective."""

@@ -67,7 +67,7 @@ class JobEvents:
         self.comm, self.schedule, self.clock = comm, schedule or Schedule(), clock
         self.lockstep = lockstep
         self.on_evaluation = on_evaluation
-        self.barrier = barrier or (lambda: comm.Barrier())
+        self.barrier = barrier or (lambda number: comm.Barrier())
         self.flush_seconds = flush_seconds
         # Under ULFM a rank's MPI_Abort ends only itself: a rank that ends the job
         # with an error says so in the failure word first, so that the others end
@@ -225,7 +225,8 @@ class JobEvents:
         ranks at its barrier included (a rank that waits there for a straggler's
         step is evaluating, not training)."""
         started = self.clock()
-        self.barrier()
+        self.control.reached(number)
+        self.barrier(number)
         if self.on_evaluation is not None:
             self.evaluating = True
             try:

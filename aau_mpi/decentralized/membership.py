@@ -71,8 +71,7 @@ class Membership:
                                        on_start=lambda: select_device(params.device))
         self.events = JobEvents(self.comm, schedule or Schedule(), world.clock,
                                 lockstep=not policy.uses_mailbox, on_evaluation=on_evaluation,
-                                barrier=lambda: self.wait_all(self.events_comm.Ibarrier(),
-                                                              "an evaluation"), guard=guard)
+                                barrier=self._evaluation_barrier, guard=guard)
         self.detector = LossDetector(base) if ulfm else None
         watchdog.bind(self.job_comm, self.rank)
 
@@ -86,24 +85,32 @@ class Membership:
         self.check_for_loss()
         self.events.poll()
 
-    def waiting_in(self, what):
+    def waiting_in(self, what, inspect=None):
         """Between polls in a collective: a lost rank, a rank that ended the job, then
         the watchdog."""
         self.check_for_loss()
         self.events.check_failed()
-        self.watchdog.waiting(what)
+        self.watchdog.waiting(what, inspect)
 
     def explains(self, error):
         """Whether a lost rank explains `error` (an MPI error in disguise included)."""
         return explained_by_loss(error, (self.comm, self.events_comm, self.job_comm,
                                          self.metrics.comm, self.base), self.detector)
 
-    def wait_all(self, request, what):
+    def wait_all(self, request, what, inspect=None):
         """Complete a collective's request; the watchdog ends the job if a rank
-        never arrives (nobody can go on without it)."""
+        never arrives (nobody can go on without it), with `inspect()`'s report."""
         self.watchdog.reset()
-        wait_for(request, lambda: self.waiting_in(what), self.poll_cap)
+        wait_for(request, lambda: self.waiting_in(what, inspect), self.poll_cap)
         self.watchdog.reset()
+
+    def _evaluation_barrier(self, number):
+        def inspect():
+            missing = [self.originals[r] for r in self.events.control.not_reached(number)]
+            report = (f"not in it yet: ranks {missing}" if missing else
+                      "every rank reached it: one stopped inside it")
+            return report, [], None
+        self.wait_all(self.events_comm.Ibarrier(), f"evaluation {number}", inspect)
 
     def close(self):
         """Collective at the end of a job: the last deposit is done, every rank is here."""
