@@ -34,6 +34,13 @@ def wait_for(condition, job, seconds=90, what="the job to get going"):
         time.sleep(0.1)
 
 
+def training_began(folder):
+    """Rank 0's iteration lines reach its log in 64 KiB blocks: once the file is not
+    empty, set-up (whose blocking collectives no watchdog watches) is over."""
+    log = folder / "rank-00000.jsonl"
+    return log.exists() and log.stat().st_size > 0
+
+
 def committed(folder):
     return list(folder.glob("checkpoints/gen-*/manifest.h5"))
 
@@ -142,8 +149,7 @@ def test_the_watchdog_ends_a_synchronous_job_whose_neighbour_stopped(tmp_path):
     job = start(4, *LONG, f"output.dir={tmp_path}", "policy.name=dpsgd", "watchdog.seconds=2")
     folder = tmp_path / "job"
     try:
-        wait_for(lambda: (folder / "rank-00000.jsonl").exists(), job)
-        time.sleep(1)
+        wait_for(lambda: training_began(folder), job)
         os.kill(rank_pids(job.pid)[1], signal.SIGSTOP)
         out, err = job.communicate(timeout=60)
     finally:
@@ -165,9 +171,7 @@ def test_a_rank_kept_waiting_in_an_evaluation_names_the_rank_that_is_not_in_it(t
                 "eval.every_epochs=null", "eval.every_seconds=0.5", "watchdog.seconds=2")
     folder = tmp_path / "job"
     try:
-        # The first evaluation's line: training has begun (set-up has no watchdog).
-        wait_for(lambda: (folder / "rank-00000.jsonl").exists()
-                 and (folder / "rank-00000.jsonl").stat().st_size, job)
+        wait_for(lambda: training_began(folder), job)
         os.kill(rank_pids(job.pid)[2], signal.SIGSTOP)
         out, err = job.communicate(timeout=60)
     finally:
