@@ -24,6 +24,10 @@ from aau_mpi.base.settings import WATCHDOG_ACTIONS as ACTIONS
 from aau_mpi.comm.world import report_and_abort
 
 EXIT_STALLED = 3
+# A gap this long between two polls of one wait is a pause of this rank itself
+# (SIGSTOP, a suspended job), not waiting for others: it counts as this much.
+# Polls are milliseconds apart (an evaluation served inside a wait resets it).
+PAUSE_SECONDS = 1.0
 
 
 class Watchdog:
@@ -33,7 +37,7 @@ class Watchdog:
         self.seconds = None if seconds is None else checks.number("watchdog.seconds", seconds,
                                                                   above=0)
         self.action = checks.choice("watchdog.action", action, ACTIONS)
-        self._since = None
+        self._waited, self._last_poll = 0.0, None
         self._reported = False
         self._heard = None          # (seq per neighbour, monotonic time its seq last moved)
         self.comm, self.rank = None, 0
@@ -44,7 +48,7 @@ class Watchdog:
 
     def reset(self):
         """The wait ended (a step completed, a collective returned)."""
-        self._since, self._reported = None, False
+        self._last_poll, self._reported = None, False
 
     def waiting(self, where=None, inspect=None, synchronous=True):
         """Call while waiting. `where`: None (for neighbours) or the collective's name.
@@ -55,9 +59,12 @@ class Watchdog:
         if self.seconds is None:
             return
         now = time.monotonic()
-        if self._since is None:
-            self._since = now
-        waited = now - self._since
+        if self._last_poll is None:
+            self._waited = 0.0
+        else:
+            self._waited += min(now - self._last_poll, PAUSE_SECONDS)
+        self._last_poll = now
+        waited = self._waited
         if waited < self.seconds or self._reported:
             return
         self._reported = True  # once per wait
