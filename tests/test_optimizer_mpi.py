@@ -375,17 +375,20 @@ def test_a_straggler_on_an_emulated_device_joins_evaluations_while_it_computes()
 def test_waiting_at_an_evaluations_barrier_is_not_training_time():
     """The others announce an evaluation at 0.5 s of training and wait at its barrier
     while rank 1 computes until 0.95 s (short of the next evaluation's 1 s);
-    their training clocks leave the wait out."""
+    their training clocks leave the wait out, also inside the evaluation (the time
+    an evaluation's record carries: it included the wait, so that a long wait at
+    one evaluation put it after the next one)."""
     started = time.monotonic()
+    during = []
     events = JobEvents(comm, Schedule(eval_seconds=0.5), time.monotonic,
-                       on_evaluation=lambda number: None)
+                       on_evaluation=lambda number: during.append(events.training_seconds()))
     time.sleep(0.52 if comm.rank != 1 else 0.95)
     events.count(1)  # every rank serves evaluation 1
     training, wall = events.training_seconds(), time.monotonic() - started
     events.close()
     assert events.completed == 1
     if comm.rank == 0:
-        assert wall >= 0.95 and training < 0.75, (training, wall)
+        assert wall >= 0.95 and training < 0.75 and during[0] < 0.75, (training, during, wall)
 
 
 @pytest.mark.mpi(min_size=2)

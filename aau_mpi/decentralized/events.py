@@ -95,6 +95,7 @@ class JobEvents:
         self.evaluating = False           # inside on_evaluation: every rank is at this event
         self.excluded = 0.0               # evaluation seconds in this job
         self.started = clock()
+        self._evaluation_started = None  # the clock when the evaluation in progress began
         self._pending = 0
         self._flushed = self._failure_read = time.monotonic()
         self._agreed_progress = 0.0
@@ -126,8 +127,10 @@ class JobEvents:
         self._agreed_progress = self.schedule.progress(samples, seconds)
 
     def training_seconds(self):
-        """Seconds of training: since the run's start, evaluation time excluded."""
-        return self.seconds_before + self.clock() - self.started - self.excluded
+        """Seconds of training: since the run's start, evaluation time excluded (during
+        an evaluation, the seconds at its start: its barrier wait is not training)."""
+        now = self._evaluation_started if self._evaluation_started is not None else self.clock()
+        return self.seconds_before + now - self.started - self.excluded
 
     def progress(self):
         """Fraction of the budget used, in [0, 1] (learning-rate schedules' x axis).
@@ -224,7 +227,7 @@ class JobEvents:
         """Collective; its time is excluded from training, the wait for the other
         ranks at its barrier included (a rank that waits there for a straggler's
         step is evaluating, not training)."""
-        started = self.clock()
+        started = self._evaluation_started = self.clock()
         self.control.reached(number)
         self.barrier(number)
         if self.on_evaluation is not None:
@@ -235,6 +238,7 @@ class JobEvents:
                 self.evaluating = False
         self.completed += 1
         self.excluded += self.clock() - started
+        self._evaluation_started = None
 
     # ---- preemption ----------------------------------------------------------
 
