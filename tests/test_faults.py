@@ -144,18 +144,23 @@ def test_the_watchdog_reports_a_stopped_neighbour_and_async_goes_on(tmp_path):
         assert any(1 not in r["averaged"] for r in during), "it mixed without rank 1"
 
 
-@pytest.mark.long
-def test_the_watchdog_ends_a_synchronous_job_whose_neighbour_stopped(tmp_path):
-    job = start(4, *LONG, f"output.dir={tmp_path}", "policy.name=dpsgd", "watchdog.seconds=2")
-    folder = tmp_path / "job"
+def watchdog_errors_after_stopping(tmp_path, rank, *overrides):
+    """Stop `rank` once training is under way; the job must end with EXIT_STALLED.
+    Returns stderr and its watchdog error lines."""
+    job = start(4, *LONG, f"output.dir={tmp_path}", "watchdog.seconds=2", *overrides)
     try:
-        wait_for(lambda: training_began(folder), job)
-        os.kill(rank_pids(job.pid)[1], signal.SIGSTOP)
+        wait_for(lambda: training_began(tmp_path / "job"), job)
+        os.kill(rank_pids(job.pid)[rank], signal.SIGSTOP)
         out, err = job.communicate(timeout=60)
     finally:
         stop(job)
     assert job.returncode == 3, err[-3000:]
-    lines = [line for line in err.splitlines() if "error: watchdog:" in line]
+    return err, [line for line in err.splitlines() if "error: watchdog:" in line]
+
+
+@pytest.mark.long
+def test_the_watchdog_ends_a_synchronous_job_whose_neighbour_stopped(tmp_path):
+    err, lines = watchdog_errors_after_stopping(tmp_path, 1, "policy.name=dpsgd")
     assert lines and all("ending the job" in line for line in lines), err[-3000:]
     # Ranks 0 and 2 wait for rank 1; rank 3 waits for them, or for rank 1 in an
     # evaluation announced meanwhile. Whichever reports first ends the job, so
@@ -167,16 +172,8 @@ def test_the_watchdog_ends_a_synchronous_job_whose_neighbour_stopped(tmp_path):
 @pytest.mark.long
 def test_a_rank_kept_waiting_in_an_evaluation_names_the_rank_that_is_not_in_it(tmp_path):
     # async never waits for a neighbour: the first wait is the next evaluation's.
-    job = start(4, *LONG, f"output.dir={tmp_path}", "policy.name=async",
-                "eval.every_epochs=null", "eval.every_seconds=0.5", "watchdog.seconds=2")
-    folder = tmp_path / "job"
-    try:
-        wait_for(lambda: training_began(folder), job)
-        os.kill(rank_pids(job.pid)[2], signal.SIGSTOP)
-        out, err = job.communicate(timeout=60)
-    finally:
-        stop(job)
-    assert job.returncode == 3, err[-3000:]
-    lines = [line for line in err.splitlines() if "error: watchdog:" in line]
+    err, lines = watchdog_errors_after_stopping(tmp_path, 2, "policy.name=async",
+                                                "eval.every_epochs=null",
+                                                "eval.every_seconds=0.5")
     assert any("in evaluation" in line and "not in it yet: ranks [2]" in line
                for line in lines), lines
