@@ -71,6 +71,15 @@ class JobControl:
         self.round_trips += 1
         return result.copy()
 
+    def _replace(self, word, value):
+        """Write `value` into `word` atomically (Fetch_and_op REPLACE), completed."""
+        self._origin[0] = value
+        with self._atomic:
+            self.win.Fetch_and_op([self._origin[:1], 1, MPI.INT64_T],
+                                  [self._result[:1], 1, MPI.INT64_T], 0, word, op=MPI.REPLACE)
+            self.win.Flush(0)
+        self.round_trips += 1
+
     def add_samples(self, samples):
         """Add this rank's samples; return (total after the addition, event word), and
         with `failure_word` read that word into `failed`.
@@ -137,24 +146,12 @@ class JobControl:
         The REPLACE completes (Flush) before the read is issued, so the
         rank that writes last always sees every rank's generation.
         """
-        self._origin[0] = generation
-        with self._atomic:
-            self.win.Fetch_and_op([self._origin[:1], 1, MPI.INT64_T],
-                                  [self._result[:1], 1, MPI.INT64_T], 0,
-                                  GENERATIONS + self.rank, op=MPI.REPLACE)
-            self.win.Flush(0)
-        self.round_trips += 1
+        self._replace(GENERATIONS + self.rank, generation)
         return int(self._read(GENERATIONS, self.size).min())
 
     def reached(self, evaluation):
         """Record that this rank reached evaluation number `evaluation`."""
-        self._origin[0] = evaluation
-        with self._atomic:
-            self.win.Fetch_and_op([self._origin[:1], 1, MPI.INT64_T],
-                                  [self._result[:1], 1, MPI.INT64_T], 0,
-                                  self.reached_word + self.rank, op=MPI.REPLACE)
-            self.win.Flush(0)
-        self.round_trips += 1
+        self._replace(self.reached_word + self.rank, evaluation)
 
     def not_reached(self, evaluation):
         """The ranks that have not yet reached evaluation number `evaluation`."""
