@@ -172,8 +172,15 @@ def test_the_watchdog_ends_a_synchronous_job_whose_neighbour_stopped(tmp_path):
 @pytest.mark.long
 def test_a_rank_kept_waiting_in_an_evaluation_names_the_rank_that_is_not_in_it(tmp_path):
     # async never waits for a neighbour: the first wait is the next evaluation's.
-    err, lines = watchdog_errors_after_stopping(tmp_path, 2, "policy.name=async",
-                                                "eval.every_epochs=null",
-                                                "eval.every_seconds=0.5")
-    assert any("in evaluation" in line and "not in it yet: ranks [2]" in line
-               for line in lines), lines
+    # Stopped inside an evaluation (after its barrier), rank 2 is in it: the
+    # line says so and names nobody, rightly; that try shows nothing, so another.
+    for attempt in range(3):
+        err, lines = watchdog_errors_after_stopping(tmp_path / str(attempt), 2,
+                                                    "policy.name=async",
+                                                    "eval.every_epochs=null",
+                                                    "eval.every_seconds=0.5")
+        if any("in evaluation" in line and "not in it yet: ranks [2]" in line
+               for line in lines):
+            return
+        assert any("one stopped inside it" in line for line in lines), lines
+    pytest.fail(f"rank 2 stopped inside an evaluation in each of 3 tries: {lines}")
