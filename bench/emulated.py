@@ -104,11 +104,12 @@ def overrides(plan, name, part, setting, seed, policy, lr):
 
 
 def mark_ended_runs(runs_dir):
-    """After a job that ended with an error: every run folder without a summary (the
-    run that ended it) gets ENDED_JOB, so that the relaunch counts it as failed."""
+    """After a job that ended with an error: every trainer's run folder without a
+    summary (the run that ended it) gets ENDED_JOB, so that the relaunch counts
+    it as failed. A DDP run's folder holds no logs (nor a summary, finished or
+    not): never marked, it is trained again if it has no record."""
     for folder in Path(runs_dir).iterdir():
-        if folder.is_dir() and folder.name != "records" and not (
-                folder / "summary.json").is_file():
+        if (folder / "config.yaml").is_file() and not (folder / "summary.json").is_file():
             (folder / ENDED_JOB).touch()
 
 

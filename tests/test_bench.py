@@ -165,8 +165,9 @@ def test_emulated_quick(tmp_path):
 
 def test_after_a_job_ends_in_a_run_only_unfinished_folders_are_marked(tmp_path):
     # Marked: failed on the relaunch. Unmarked and without a record: trained again.
-    for name, files in (("finished", ["summary.json"]), ("ended", ["config.yaml"]),
-                        ("records", [])):
+    # A DDP run writes nothing to its folder: marked, its rerun read logs it never had.
+    for name, files in (("finished", ["config.yaml", "summary.json"]), ("ended", ["config.yaml"]),
+                        ("ddp", []), ("records", [])):
         (tmp_path / name).mkdir()
         for file in files:
             (tmp_path / name / file).write_text("{}")
