@@ -115,6 +115,14 @@ def cell_stats(runs):
                                      if not r.get("failed")])}
 
 
+def geometric_mean_interval(ratios, rng):
+    """The ratios' geometric mean and its bootstrap 95 % interval (seeds resampled)."""
+    logs = np.log(ratios)
+    draws = logs[rng.integers(0, len(logs), size=(BOOTSTRAP, len(logs)))].mean(axis=1)
+    low, high = np.exp(np.percentile(draws, [2.5, 97.5]))
+    return float(np.exp(logs.mean())), float(low), float(high)
+
+
 def paired_ratio(aau_runs, base_runs, rng):
     """aau's time to target over the baseline's, paired by seed (see the module docstring)."""
     theirs = {r["seed"]: r for r in base_runs if not r["refused"]}
@@ -133,10 +141,8 @@ def paired_ratio(aau_runs, base_runs, rng):
               "geometric_mean": None, "low": None, "high": None, "verdict": "no verdict"}
     if not ratios:
         return result
-    logs = np.log(ratios)
-    draws = logs[rng.integers(0, len(logs), size=(BOOTSTRAP, len(logs)))].mean(axis=1)
-    low, high = np.exp(np.percentile(draws, [2.5, 97.5]))
-    result.update(geometric_mean=float(np.exp(logs.mean())), low=float(low), high=float(high))
+    mean, low, high = geometric_mean_interval(ratios, rng)
+    result.update(geometric_mean=mean, low=low, high=high)
     if len(ratios) >= MIN_PAIRS and (high < 1 or low > 1):
         result["verdict"] = "aau faster" if high < 1 else "aau slower"
     return result

@@ -1,7 +1,8 @@
 """Weak scaling in the simulator: 16 to 1024 workers on two hardware profiles.
 
     python bench/projection.py [--ranks 16 64 256 1024] [--seeds 0 1 2]
-                               [--largest-seeds 1] [--tune-ranks 16 64 256] [--iterations 1000]
+                               [--reduce-from 1024] [--reduced-seeds 1] [--reduced-settings ...]
+                               [--tune-ranks 16 64 256] [--iterations 1000]
                                [--profiles accelerator ethernet]
                                [--settings none slow_tenth pareto] [--policies ...]
                                [--calibration F] [--jobs 2] [--quick] [--runs DIR] [--out DIR]
@@ -33,8 +34,10 @@ step delayed with probability 0.1 by Pareto(1.5) steps, at most 20).
    tuning_key). By default the largest N is not tuned (at 1024 workers a
    grid costs more than all its evaluations) and takes the rates of the
    largest tuned N; the JSON's plan says which.
-2. Evaluation: every profile, setting, policy and N on --seeds (at the
-   largest N only the first --largest-seeds of them, said in the JSON).
+2. Evaluation: every profile, setting, policy and N on --seeds; from N =
+   --reduce-from up (default: the largest N) only the first --reduced-seeds
+   seeds and the --reduced-settings (default: every setting), said in the
+   JSON's plan, as a run at 1024 workers costs as much as 64 at 16.
 
 Writes simulation_projection.json (plan, tuning, every run, and per
 profile, setting, policy and N the seeds' samples and virtual seconds to
@@ -46,6 +49,7 @@ simulates only what is missing.
 import argparse
 import itertools
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -66,7 +70,7 @@ PROFILES = {"accelerator": {"bandwidth_gbs": 25.0, "latency_us": 5.0},  # NVLink
             "ethernet": {"bandwidth_gbs": 1.25, "latency_us": 50.0}}   # 10 Gb/s
 SAMPLES_PER_WORKER = 2500   # 2,000 train + 500 test
 LRS = (0.1, 0.2, 0.4)
-QUICK = {"ranks": [4], "seeds": [0], "largest_seeds": 1, "iterations": 30,
+QUICK = {"ranks": [4], "seeds": [0], "reduced_seeds": 1, "iterations": 30,
          "settings": ["slow_tenth"], "lrs": [0.2, 0.4], "overrides": ["eval.every_epochs=0.05"]}
 
 
@@ -130,11 +134,13 @@ def with_target(record):
 
 
 def evaluation_tasks(plan, best):
-    largest = max(plan["ranks"])
     tasks = []
     for n, profile, setting in itertools.product(plan["ranks"], plan["profiles"],
                                                  plan["settings"]):
-        seeds = plan["seeds"][:plan["largest_seeds"]] if n == largest else plan["seeds"]
+        reduced = n >= plan["reduce_from"]
+        if reduced and setting not in plan["reduced_settings"]:
+            continue
+        seeds = plan["seeds"][:plan["reduced_seeds"]] if reduced else plan["seeds"]
         for seed, policy in itertools.product(seeds, plan["policies"]):
             tasks.append(task(plan, "run", n, profile, setting, seed, policy, best[n][policy]))
     return tasks
@@ -236,7 +242,8 @@ def plot(record, path):
     axes[1, 0].set_ylabel("virtual seconds to target")
     axes[0, 0].legend(fontsize=7)
     figure.suptitle(f"Simulated weak scaling, MNIST-1D, {plan['iterations']} iterations a "
-                    f"worker, seeds {plan['seeds']} (largest N: {plan['largest_seeds']}): mean "
+                    f"worker, seeds {plan['seeds']} ({plan['reduced_seeds']} from N = "
+                    f"{plan['reduce_from']}): mean "
                     f"and range over seeds; x: not reached on every seed", fontsize=10)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
@@ -259,8 +266,13 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ranks", type=int, nargs="+", default=list(RANKS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--largest-seeds", type=int, default=1,
-                        help="seeds at the largest N (the first of --seeds)")
+    parser.add_argument("--reduce-from", type=int,
+                        help="the smallest N evaluated on fewer seeds and settings (default: "
+                             "the largest N)")
+    parser.add_argument("--reduced-seeds", type=int, default=1,
+                        help="seeds from --reduce-from up (the first of --seeds)")
+    parser.add_argument("--reduced-settings", nargs="+", choices=SETTINGS,
+                        help="settings from --reduce-from up (default: --settings)")
     parser.add_argument("--tune-seed", type=int, default=100)
     parser.add_argument("--tune-ranks", type=int, nargs="+",
                         help="the N tuned (default: every --ranks but the largest, which "
@@ -292,8 +304,17 @@ def parse_args(argv=None):
         parser.error(f"--tune-ranks {args.tune_ranks}: give N of --ranks {args.ranks}, the "
                      f"smallest included (an untuned N takes the rates of the largest tuned "
                      f"N below it)")
-    if not 1 <= args.largest_seeds <= len(args.seeds):
-        parser.error(f"--largest-seeds {args.largest_seeds}: give 1 to {len(args.seeds)}")
+    if not 1 <= args.reduced_seeds <= len(args.seeds):
+        parser.error(f"--reduced-seeds {args.reduced_seeds}: give 1 to {len(args.seeds)}")
+    if args.reduce_from is None:
+        args.reduce_from = max(args.ranks)
+    if args.reduce_from not in args.ranks:
+        parser.error(f"--reduce-from {args.reduce_from}: give one N of --ranks {args.ranks}")
+    if args.reduced_settings is None:
+        args.reduced_settings = list(args.settings)
+    if not set(args.reduced_settings) <= set(args.settings):
+        parser.error(f"--reduced-settings {args.reduced_settings}: give settings of --settings "
+                     f"{args.settings}")
     return args
 
 
@@ -303,7 +324,8 @@ def main(argv=None):
 
     runs_dir = Path(args.runs or benchlib.REPO / "runs" / "projection").resolve()
     plan = {"config": str(Path(args.config).resolve()), "ranks": sorted(args.ranks),
-            "seeds": args.seeds, "largest_seeds": args.largest_seeds,
+            "seeds": args.seeds, "reduce_from": args.reduce_from,
+            "reduced_seeds": args.reduced_seeds, "reduced_settings": args.reduced_settings,
             "tune_seed": args.tune_seed, "tune_ranks": sorted(args.tune_ranks),
             "iterations": args.iterations,
             "profiles": args.profiles, "settings": args.settings, "policies": args.policies,
@@ -316,9 +338,14 @@ def main(argv=None):
     with simulation.pool(args.jobs) as processes:
         tuning, best = tune(plan, processes)
         runs = simulation.run_all(evaluation_tasks(plan, best), processes)
-    plan.update(wall_seconds=round(time.perf_counter() - started), date=benchlib.today(),
-                machine=benchlib.machine(), code=benchlib.source(),
-                command=" ".join(["python bench/projection.py", *map(str, argv or [])]))
+    walls = [r["wall_seconds"] for r in tuning + runs]
+    # A relaunch reads runs simulated before: the simulations' own seconds add up all.
+    plan.update(wall_seconds=round(time.perf_counter() - started),
+                simulation_seconds=round(sum(w for w in walls if w is not None)),
+                simulations_without_seconds=sum(w is None for w in walls),
+                date=benchlib.today(), machine=benchlib.machine(), code=benchlib.source(),
+                command=" ".join(["python bench/projection.py",
+                                  *(sys.argv[1:] if argv is None else argv)]))
     rows = rows_of(runs)
     record = {"benchmark": "simulation_projection", "plan": plan,
               "best_lr": {str(n): rates for n, rates in best.items()}, "rows": rows,
@@ -326,8 +353,8 @@ def main(argv=None):
     intro = (f"# Simulated weak scaling to {max(plan['ranks'])} workers ({plan['date']})\n\n"
              f"`{plan['command']}`: {plan['iterations']} iterations a worker, step "
              f"{STEP_SECONDS * 1e3:g} ms, payload {PAYLOAD_BYTES / 1e6:g} MB, calibration "
-             f"{plan['calibration']}; seeds {plan['seeds']} ({plan['largest_seeds']} at N = "
-             f"{max(plan['ranks'])}); rates tuned at N = {plan['tune_ranks']} (a larger N takes "
+             f"{plan['calibration']}; seeds {plan['seeds']} (from N = {plan['reduce_from']}: "
+             f"{plan['reduced_seeds']} seed(s), settings {plan['reduced_settings']}); rates tuned at N = {plan['tune_ranks']} (a larger N takes "
              f"the largest tuned N's); figures are the mean [lowest, highest] over the seeds, to "
              f"the target {runs[0]['target']} only where every seed reached it.")
     json_path = benchlib.write_report(args.out, "simulation_projection", record, intro, HEADERS,

@@ -266,8 +266,13 @@ def test_projection_quick(tmp_path):
     assert all(r["ranks"] == 4 and r["iterations"] for r in record["runs"])
     assert (out / "simulation_projection.md").read_text().count("slow_tenth") == 10
     assert_png(out / "simulation_projection.png")
+    assert record["plan"]["simulation_seconds"] > 0
+    assert record["plan"]["simulations_without_seconds"] == 0
     again = run_bench("projection.py", *args, timeout=350)
     assert "virtual s (" not in again.stdout, "every run folder was read, none simulated"
+    reread = json.loads((out / "simulation_projection.json").read_text())["plan"]
+    assert reread["simulation_seconds"] == record["plan"]["simulation_seconds"], \
+        "a relaunch counts the seconds its runs took when they were simulated"
 
 
 def test_a_result_names_the_commit_its_code_was_at_and_says_when_the_tree_differed(tmp_path,
@@ -300,6 +305,23 @@ def test_the_largest_n_is_not_tuned_unless_asked_and_the_smallest_always_is(caps
     with pytest.raises(SystemExit):
         projection.parse_args(["--tune-ranks", "64", "256"])
     assert "the smallest included" in capsys.readouterr().err
+
+
+def test_from_the_reduced_n_up_only_the_first_seeds_and_the_reduced_settings_run():
+    args = projection.parse_args(["--ranks", "16", "64", "256", "--seeds", "0", "1", "2",
+                                  "--reduce-from", "64", "--reduced-seeds", "2",
+                                  "--reduced-settings", "slow_tenth"])
+    plan = {**vars(args), "runs_dir": "runs", "batch_size": 32, "config": "job.yaml",
+            "calibration": "c.json"}
+    keys = [(t["ranks"], t["key"]["setting"], t["key"]["seed"])
+            for t in projection.evaluation_tasks(plan, {n: dict.fromkeys(args.policies, 0.2)
+                                                        for n in args.ranks})]
+    per = len(args.policies) * len(args.profiles)
+    assert sorted(set(keys)) == sorted(
+        [(16, s, seed) for s in args.settings for seed in (0, 1, 2)]
+        + [(n, "slow_tenth", seed) for n in (64, 256) for seed in (0, 1)])
+    assert len(keys) == per * (9 + 4)
+    assert projection.parse_args([]).reduce_from == 1024, "by default only the largest N"
 
 
 def test_a_tenth_of_the_workers_is_slow_spread_over_the_ranks_2_to_8x():
@@ -387,6 +409,11 @@ def test_validation_compares_each_pairs_ratio_real_against_simulated():
     assert dpsgd_aau["real_ratio"] == pytest.approx(4.0)      # sqrt(2 x 8)
     assert dpsgd_aau["simulated_ratio"] == pytest.approx(5.0)  # sqrt(2.5 x 10)
     assert dpsgd_aau["error"] == pytest.approx(0.25) and not dpsgd_aau["within"]
+    # The seeds' ratios are 2 and 8: the bootstrap interval spans them, and holds 5.
+    assert (dpsgd_aau["real_low"], dpsgd_aau["real_high"]) == pytest.approx((2.0, 8.0))
+    assert dpsgd_aau["inside_real_interval"] and not dpsgd_aau["real_precise"]
+    async_aau = rows["async", "aau"]   # both seeds 1.0: a precise real ratio, 0.25 outside it
+    assert async_aau["real_precise"] and not async_aau["inside_real_interval"]
     assert rows["async", "aau"]["real_ratio"] == 1.0 and rows["async", "aau"]["within"] is False
     assert rows["dpsgd", "fixed_k"]["compared"] is False  # fixed_k never reached 0.2
     assert rows["allreduce", "aau"] == {**rows["allreduce", "aau"], "compared": False,
