@@ -38,6 +38,10 @@ step delayed with probability 0.1 by Pareto(1.5) steps, at most 20).
    --reduce-from up (default: the largest N) only the first --reduced-seeds
    seeds and the --reduced-settings (default: every setting), said in the
    JSON's plan, as a run at 1024 workers costs as much as 64 at 16.
+   At an N that was not tuned, a policy with a run that diverged at the
+   inherited rate runs again, every run of it at that N, at half the rate
+   (at most MAX_HALVINGS times): the rows show the rate the policy ran at
+   in the end, the JSON's superseded_runs the runs before.
 
 Writes simulation_projection.json (plan, tuning, every run, and per
 profile, setting, policy and N the seeds' samples and virtual seconds to
@@ -70,6 +74,7 @@ PROFILES = {"accelerator": {"bandwidth_gbs": 25.0, "latency_us": 5.0},  # NVLink
             "ethernet": {"bandwidth_gbs": 1.25, "latency_us": 50.0}}   # 10 Gb/s
 SAMPLES_PER_WORKER = 2500   # 2,000 train + 500 test
 LRS = (0.1, 0.2, 0.4)
+MAX_HALVINGS = 2
 QUICK = {"ranks": [4], "seeds": [0], "reduced_seeds": 1, "iterations": 30,
          "settings": ["slow_tenth"], "lrs": [0.2, 0.4], "overrides": ["eval.every_epochs=0.05"]}
 
@@ -144,6 +149,36 @@ def evaluation_tasks(plan, best):
         for seed, policy in itertools.product(seeds, plan["policies"]):
             tasks.append(task(plan, "run", n, profile, setting, seed, policy, best[n][policy]))
     return tasks
+
+
+def halved_rates(plan, best, runs):
+    """{(N, policy): half its rate} for each policy with a diverged run at an N that
+    was not tuned, unless its rate has been halved MAX_HALVINGS times already."""
+    inherited = {n: best[max(t for t in plan["tune_ranks"] if t <= n)]
+                 for n in plan["ranks"] if n not in plan["tune_ranks"]}
+    halved = {}
+    for r in runs:
+        key = (r["ranks"], r["policy"])
+        if r.get("failed") and r["ranks"] in inherited and key not in halved and \
+                r["lr"] > inherited[r["ranks"]][r["policy"]] / 2 ** MAX_HALVINGS * 1.001:
+            halved[key] = r["lr"] / 2
+    return halved
+
+
+def evaluate(plan, best, processes):
+    """Every evaluation run; at an N that was not tuned, a policy that diverged runs
+    again at half the rate. Returns (runs, runs superseded by a halved rate)."""
+    runs = simulation.run_all(evaluation_tasks(plan, best), processes)
+    superseded = []
+    while halved := halved_rates(plan, best, runs):
+        for (n, policy), lr in halved.items():
+            best[n] = {**best[n], policy: lr}
+        again = [t for t in evaluation_tasks(plan, best)
+                 if (t["ranks"], t["key"]["policy"]) in halved]
+        superseded += [r for r in runs if (r["ranks"], r["policy"]) in halved]
+        runs = [r for r in runs if (r["ranks"], r["policy"]) not in halved]
+        runs += simulation.run_all(again, processes)
+    return runs, superseded
 
 
 # ------------------------------------------------------------------ statistics
@@ -337,8 +372,8 @@ def main(argv=None):
     started = time.perf_counter()
     with simulation.pool(args.jobs) as processes:
         tuning, best = tune(plan, processes)
-        runs = simulation.run_all(evaluation_tasks(plan, best), processes)
-    walls = [r["wall_seconds"] for r in tuning + runs]
+        runs, superseded = evaluate(plan, best, processes)
+    walls = [r["wall_seconds"] for r in tuning + runs + superseded]
     # A relaunch reads runs simulated before: the simulations' own seconds add up all.
     plan.update(wall_seconds=round(time.perf_counter() - started),
                 simulation_seconds=round(sum(w for w in walls if w is not None)),
@@ -349,13 +384,15 @@ def main(argv=None):
     rows = rows_of(runs)
     record = {"benchmark": "simulation_projection", "plan": plan,
               "best_lr": {str(n): rates for n, rates in best.items()}, "rows": rows,
-              "tuning": tuning, "runs": runs}
+              "tuning": tuning, "runs": runs, "superseded_runs": superseded}
     intro = (f"# Simulated weak scaling to {max(plan['ranks'])} workers ({plan['date']})\n\n"
              f"`{plan['command']}`: {plan['iterations']} iterations a worker, step "
              f"{STEP_SECONDS * 1e3:g} ms, payload {PAYLOAD_BYTES / 1e6:g} MB, calibration "
              f"{plan['calibration']}; seeds {plan['seeds']} (from N = {plan['reduce_from']}: "
-             f"{plan['reduced_seeds']} seed(s), settings {plan['reduced_settings']}); rates tuned at N = {plan['tune_ranks']} (a larger N takes "
-             f"the largest tuned N's); figures are the mean [lowest, highest] over the seeds, to "
+             f"{plan['reduced_seeds']} seed(s), settings {plan['reduced_settings']}); rates "
+             f"tuned at N = {plan['tune_ranks']} (a larger N takes the largest tuned N's, "
+             f"halved for a policy that diverged there: {len(superseded)} runs superseded, in "
+             f"the JSON); figures are the mean [lowest, highest] over the seeds, to "
              f"the target {runs[0]['target']} only where every seed reached it.")
     json_path = benchlib.write_report(args.out, "simulation_projection", record, intro, HEADERS,
                                       [table_cells(r) for r in rows])

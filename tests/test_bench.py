@@ -324,6 +324,22 @@ def test_from_the_reduced_n_up_only_the_first_seeds_and_the_reduced_settings_run
     assert projection.parse_args([]).reduce_from == 1024, "by default only the largest N"
 
 
+def test_a_policy_that_diverges_at_an_inherited_rate_runs_again_at_half_of_it():
+    plan = {"ranks": [16, 64, 256], "tune_ranks": [16]}
+    best = {16: {"aau": 0.4, "dpsgd": 0.4}, 64: {"aau": 0.4, "dpsgd": 0.4},
+            256: {"aau": 0.4, "dpsgd": 0.4}}
+
+    def run(n, policy, lr, failed):
+        return {"ranks": n, "policy": policy, "lr": lr, **({"failed": True} if failed else {})}
+
+    runs = [run(16, "aau", 0.4, True), run(64, "aau", 0.4, True), run(64, "aau", 0.4, False),
+            run(64, "dpsgd", 0.4, False), run(256, "dpsgd", 0.4, True)]
+    # a tuned N keeps its rate: its divergence is the tuning's verdict, shown as such
+    assert projection.halved_rates(plan, best, runs) == {(64, "aau"): 0.2, (256, "dpsgd"): 0.2}
+    assert projection.halved_rates(plan, best, [run(64, "aau", 0.1, True)]) == {}, \
+        f"at most {projection.MAX_HALVINGS} halvings"
+
+
 def test_a_tenth_of_the_workers_is_slow_spread_over_the_ranks_2_to_8x():
     section = projection.straggler_section("slow_tenth", 64, seed=0)
     assert len(section["ranks"]) == 6 and section["ranks"] == sorted(set(section["ranks"]))
