@@ -264,7 +264,7 @@ def test_projection_quick(tmp_path):
         best = record["best_lr"]["4"][policy]
         assert tried[0] < best < tried[-1] or len(tried) == 2 + emulated.MAX_EXTENSIONS, tried
     assert all(r["ranks"] == 4 and r["iterations"] for r in record["runs"])
-    assert (out / "simulation_projection.md").read_text().count("slow_tenth") == 10
+    assert (out / "simulation_projection.md").read_text().count("| slow_tenth |") == 10
     assert_png(out / "simulation_projection.png")
     assert record["plan"]["simulation_seconds"] > 0
     assert record["plan"]["simulations_without_seconds"] == 0
