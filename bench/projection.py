@@ -51,6 +51,7 @@ simulates only what is missing.
 """
 
 import argparse
+import collections
 import itertools
 import json
 import sys
@@ -151,28 +152,23 @@ def evaluation_tasks(plan, best):
     return tasks
 
 
-def halved_rates(plan, best, runs):
-    """{(N, policy): half its rate} for each policy with a diverged run at an N that
-    was not tuned, unless its rate has been halved MAX_HALVINGS times already."""
-    inherited = {n: best[max(t for t in plan["tune_ranks"] if t <= n)]
-                 for n in plan["ranks"] if n not in plan["tune_ranks"]}
-    halved = {}
-    for r in runs:
-        key = (r["ranks"], r["policy"])
-        if r.get("failed") and r["ranks"] in inherited and key not in halved and \
-                r["lr"] > inherited[r["ranks"]][r["policy"]] / 2 ** MAX_HALVINGS * 1.001:
-            halved[key] = r["lr"] / 2
-    return halved
+def policies_to_halve(plan, runs, halvings):
+    """{(N, policy)} for each policy with a diverged run at an N that was not tuned,
+    unless `halvings` (a Counter by (N, policy)) has reached MAX_HALVINGS for it."""
+    return {(r["ranks"], r["policy"]) for r in runs
+            if r.get("failed") and r["ranks"] not in plan["tune_ranks"]
+            and halvings[r["ranks"], r["policy"]] < MAX_HALVINGS}
 
 
 def evaluate(plan, best, processes):
     """Every evaluation run; at an N that was not tuned, a policy that diverged runs
     again at half the rate. Returns (runs, runs superseded by a halved rate)."""
     runs = simulation.run_all(evaluation_tasks(plan, best), processes)
-    superseded = []
-    while halved := halved_rates(plan, best, runs):
-        for (n, policy), lr in halved.items():
-            best[n] = {**best[n], policy: lr}
+    superseded, halvings = [], collections.Counter()
+    while halved := policies_to_halve(plan, runs, halvings):
+        for n, policy in halved:
+            best[n] = {**best[n], policy: best[n][policy] / 2}
+            halvings[n, policy] += 1
         again = [t for t in evaluation_tasks(plan, best)
                  if (t["ranks"], t["key"]["policy"]) in halved]
         superseded += [r for r in runs if (r["ranks"], r["policy"]) in halved]

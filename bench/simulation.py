@@ -203,8 +203,8 @@ def compare(result, simulated):
                 continue
             real_ratio, low, high = emulated_report.geometric_mean_interval(
                 seed_ratios(pick["real", first], pick["real", second], level), rng)
-            simulated_ratio = math.exp(statistics.fmean(map(math.log, seed_ratios(
-                pick["simulated", first], pick["simulated", second], level))))
+            simulated_ratio = statistics.geometric_mean(seed_ratios(
+                pick["simulated", first], pick["simulated", second], level))
             error = simulated_ratio / real_ratio - 1
             rows.append({**row, "compared": True, "level": level, "real_ratio": real_ratio,
                          "real_low": low, "real_high": high, "simulated_ratio": simulated_ratio,

@@ -7,6 +7,7 @@ The report's pure pieces (rates model, medians, the tuning rule) are checked
 on synthetic records.
 """
 
+import collections
 import json
 import math
 import subprocess
@@ -326,8 +327,6 @@ def test_from_the_reduced_n_up_only_the_first_seeds_and_the_reduced_settings_run
 
 def test_a_policy_that_diverges_at_an_inherited_rate_runs_again_at_half_of_it():
     plan = {"ranks": [16, 64, 256], "tune_ranks": [16]}
-    best = {16: {"aau": 0.4, "dpsgd": 0.4}, 64: {"aau": 0.4, "dpsgd": 0.4},
-            256: {"aau": 0.4, "dpsgd": 0.4}}
 
     def run(n, policy, lr, failed):
         return {"ranks": n, "policy": policy, "lr": lr, **({"failed": True} if failed else {})}
@@ -335,8 +334,10 @@ def test_a_policy_that_diverges_at_an_inherited_rate_runs_again_at_half_of_it():
     runs = [run(16, "aau", 0.4, True), run(64, "aau", 0.4, True), run(64, "aau", 0.4, False),
             run(64, "dpsgd", 0.4, False), run(256, "dpsgd", 0.4, True)]
     # a tuned N keeps its rate: its divergence is the tuning's verdict, shown as such
-    assert projection.halved_rates(plan, best, runs) == {(64, "aau"): 0.2, (256, "dpsgd"): 0.2}
-    assert projection.halved_rates(plan, best, [run(64, "aau", 0.1, True)]) == {}, \
+    none_yet = collections.Counter()
+    assert projection.policies_to_halve(plan, runs, none_yet) == {(64, "aau"), (256, "dpsgd")}
+    twice = collections.Counter({(64, "aau"): projection.MAX_HALVINGS})
+    assert projection.policies_to_halve(plan, [run(64, "aau", 0.1, True)], twice) == set(), \
         f"at most {projection.MAX_HALVINGS} halvings"
 
 
