@@ -857,11 +857,14 @@ def mean_objective_lbfgs(n, steps, **options):
 def test_lbfgs_trains_through_closures(policy):
     """A closure optimizer: the wrapped LBFGS evaluates the closure (after the mix),
     step() returns its loss. With allreduce every evaluation averages the ranks'
-    gradients and losses: LBFGS on the mean objective, as in one process."""
+    gradients and losses: LBFGS on the mean objective, as in one process. With
+    gossip the mix moves x between LBFGS's steps: its curvature pairs (s, y) must
+    still be secant pairs of this rank's objective (y = H s, H = A'A / rows), which
+    holds only if s carries the mix's move too."""
     world = aau_mpi.init(device="cpu")
     a, b = shard(comm.rank)
     model = LeastSquares()
-    options = dict(lr=0.5, max_iter=4, history_size=4)
+    options = dict(lr=0.5, max_iter=4, history_size=64)  # every pair of the 15 steps kept
     lbfgs = torch.optim.LBFGS(model.parameters(), **options)
     opt = aau_mpi.DecentralizedOptimizer(lbfgs, model, policy=policy, world=world,
                                          watchdog=None)
@@ -876,6 +879,7 @@ def test_lbfgs_trains_through_closures(policy):
     start = model.loss(a, b).item()
     losses = [opt.step(closure) for _ in range(15)]
     own = model.x.detach().numpy().copy()
+    history = lbfgs.state[model.x]
     opt.finish()
     average = model.x.detach().numpy()
     assert all(torch.is_tensor(loss) for loss in losses)
@@ -886,6 +890,11 @@ def test_lbfgs_trains_through_closures(policy):
         assert np.allclose(average, own, rtol=1e-6)
     else:
         assert losses[0].item() == evaluated[0], "step() returns the closure's loss"
+        hessian = a.T @ a / ROWS
+        assert len(history["old_stps"]) > 3 * 15, "pairs across steps were kept too"
+        for s, y in zip(history["old_stps"], history["old_dirs"]):
+            error = float((hessian @ s - y).norm() / y.norm())
+            assert error < 1e-3, f"a curvature pair is {error:.2g} off a secant pair"
         assert losses[-1].item() < start
         error = np.linalg.norm(average - x_opt) / np.linalg.norm(x_opt)
         assert error < 0.1, f"the averaged model is {error:.3f} from the optimum"

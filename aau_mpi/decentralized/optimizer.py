@@ -31,6 +31,7 @@ torch face, the iteration, the state and `finish`; the trainer
 import atexit
 import sys
 import weakref
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -82,6 +83,27 @@ def scaled_step(optimizer, scale, closure):
     finally:
         for group, rate in zip(optimizer.param_groups, rates):
             group["lr"] = rate
+
+
+@contextmanager
+def lbfgs_history_follows_the_mix(optimizer):
+    """Around the mix: LBFGS's next curvature pair is (s, y) = (d * t, g - prev_flat_grad),
+    its own last move against the gradient change since prev_flat_grad. The mix also
+    moves x, a move LBFGS did not take: unless s carries it, y (which does) is paired
+    with the wrong displacement and the next step can blow up (a loss 600x its value
+    was seen at 4 ranks under aau). So the mix's move is added to d as mix / t, which
+    makes d * t the whole move since prev_flat_grad (d and t are LBFGS's state-dict
+    entries). Other optimizers keep no such pair: nothing is done for them."""
+    state = (optimizer.state[optimizer.param_groups[0]["params"][0]]
+             if isinstance(optimizer, torch.optim.LBFGS) else {})
+    if not torch.is_tensor(state.get("d")) or not state.get("t"):
+        yield
+        return
+    params = optimizer.param_groups[0]["params"]
+    before = torch.cat([p.detach().reshape(-1) for p in params])
+    yield
+    moved = torch.cat([p.detach().reshape(-1) for p in params]).sub_(before)
+    state["d"] = state["d"].add(moved, alpha=1.0 / float(state["t"]))
 
 
 def _wrapped(name):
@@ -299,7 +321,8 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
     def _update(self, record, closure, result):
         """Exchange before the step, the local step, k += 1, deposit x_k."""
         record.iteration = self.k
-        closure = self.exchange.before_step(self.k, record, closure)
+        with lbfgs_history_follows_the_mix(self.optimizer):
+            closure = self.exchange.before_step(self.k, record, closure)
         stepping = self._now()
         result["loss"] = scaled_step(self.optimizer, record.step_scale, closure)
         record.step_seconds = self._now() - stepping
