@@ -123,6 +123,8 @@ def test_the_watchdog_reports_a_stopped_neighbour_and_async_goes_on(tmp_path):
         paused = rank_pids(job.pid)[1]
         os.kill(paused, signal.SIGSTOP)  # hung: alive, but never deposits
         time.sleep(6)
+        assert job.poll() is None, "the job ended while rank 1 was stopped: " + \
+            job.communicate()[1][-3000:]
         os.kill(paused, signal.SIGCONT)
         out, err = job.communicate(timeout=90)
     finally:
