@@ -114,6 +114,11 @@ class ShardLoader:
         return self
 
     def __next__(self):
+        batch = self.next_positions()
+        return self.x[batch], self.y[batch]
+
+    def next_positions(self):
+        """The next batch's positions in the shard (what __next__ gathers); advances."""
         pieces, needed = [], self.batch_size
         while needed:
             if self.offset == self.size:
@@ -122,8 +127,7 @@ class ShardLoader:
             pieces.append(self._epoch_order()[self.offset:self.offset + take])
             self.offset += take
             needed -= take
-        batch = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
-        return self.x[batch], self.y[batch]
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
     def state_dict(self):
         return {"seed": self.seed, "epoch": self.epoch, "offset": self.offset,

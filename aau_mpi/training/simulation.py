@@ -24,8 +24,11 @@ given the seed and the timing parameters.
 Speed: a worker needs its gradient only when it steps, and its x does not
 change before, so gradients are computed lazily and together: when one
 worker needs its gradient, every worker still owing one gets it in the same
-vmapped call over the stacked parameters (all workers' x are the rows of
-one (N, numel) tensor; each worker's torch SGD steps its own row).
+batched call over the stacked parameters (all workers' x are the rows of
+one (N, numel) tensor, their shards slices of one tensor, so a call's
+batches are one gather; each worker's torch SGD steps its own row). A
+worker step then costs little more than its rows' trips through memory
+(docs/simulator.md, "Speed"); none of this changes a bit of a run.
 """
 
 import heapq
@@ -125,9 +128,15 @@ class StackedModel:
         loss = F.cross_entropy(self._forward(flat, x), y)
         return loss, loss
 
-    def _dense_forward(self, flats, x):
-        """Logits (W, batch, classes) of W flat vectors on x (W, batch, ...)."""
-        pieces = iter(flats.split(self.sizes, dim=1))
+    def _pieces(self, flats):
+        """Each parameter of W flat vectors (W, numel) as a (W, *shape) view."""
+        return [piece.view(-1, *shape) for piece, shape in
+                zip(flats.split(self.sizes, dim=1), self.shapes)]
+
+    def _dense_forward(self, pieces, x):
+        """Logits (W, batch, classes) of W models given as their parameters `pieces`
+        ((W, *shape) each, in order) on x (W, batch, ...)."""
+        pieces = iter(pieces)
         h = x
         for layer in self.layers:
             if isinstance(layer, nn.Flatten):
@@ -135,23 +144,32 @@ class StackedModel:
             elif isinstance(layer, nn.ReLU):
                 h = h.relu()
             else:
-                weight = next(pieces).view(-1, layer.out_features, layer.in_features)
-                h = torch.bmm(h, weight.transpose(1, 2))
+                h = torch.bmm(h, next(pieces).transpose(1, 2))
                 if layer.bias is not None:
                     h = h + next(pieces).unsqueeze(1)
         return h
 
-    def gradients(self, flats, x, y):
-        """(gradients (W, numel), losses (W,)) of W flat vectors, each on its own batch
-        x[w], y[w]."""
+    def gradients(self, parameters, rows, x, y, out):
+        """Into out[rows]: the gradients of the flat vectors parameters[rows] (W of the
+        (N, numel)), each on its own batch x[w], y[w]; returns their losses (W,).
+
+        Dense layers take their parameters as leaves of their own shape (views of
+        the gathered rows): a weight's gradient comes back as the transpose of a
+        matrix product, and goes to its rows of `out` in one strided copy (one
+        flat leaf would cost a contiguous copy of it and a concatenation more)."""
         if self.layers is None:
-            return self._gradients(flats, x, y)
+            gradients, losses = self._gradients(parameters[rows], x, y)
+            out[rows] = gradients
+            return losses
+        starts = np.cumsum([0, *self.sizes[:-1]]).tolist()
         with torch.enable_grad():
-            leaf = flats.detach().requires_grad_()
-            logits = self._dense_forward(leaf, x)
+            leaves = [piece.detach().requires_grad_() for piece in self._pieces(parameters[rows])]
+            logits = self._dense_forward(leaves, x)
             losses = F.cross_entropy(logits.transpose(1, 2), y, reduction="none").mean(1)
-            gradients, = torch.autograd.grad(losses.sum(), leaf)
-        return gradients, losses.detach()
+            gradients = torch.autograd.grad(losses.sum(), leaves)
+        for start, size, shape, gradient in zip(starts, self.sizes, self.shapes, gradients):
+            out.narrow(1, start, size).view(-1, *shape).index_copy_(0, rows, gradient)
+        return losses.detach()
 
     @torch.no_grad()
     def loss_and_correct(self, flats, x, y, batch_size):
@@ -161,7 +179,8 @@ class StackedModel:
         for start in range(0, len(y), batch_size):
             part = x[start:start + batch_size]
             logits = (self._logits(flats, part) if self.layers is None else       # (W, b, classes)
-                      self._dense_forward(flats, part.expand(len(flats), *part.shape)))
+                      self._dense_forward(self._pieces(flats),
+                                          part.expand(len(flats), *part.shape)))
             target = y[start:start + batch_size].expand(len(flats), -1)
             loss += F.cross_entropy(logits.transpose(1, 2), target,
                                     reduction="none").sum(1).double()
@@ -246,7 +265,15 @@ class VirtualCluster:
         self.parameters = x0.repeat(n, 1)
         self.gradients = torch.zeros_like(self.parameters)
         self.losses = np.zeros(n)
-        self._mix = torch.empty_like(x0)
+        # Every worker's shard is a slice of one tensor, so that a chunk's batches
+        # are one gather (the loaders read the same samples through views).
+        self.shards_x = torch.cat([loader.x for loader in loaders])
+        self.shards_y = torch.cat([loader.y for loader in loaders])
+        sizes = torch.tensor([loader.size for loader in loaders])
+        self.shard_starts = torch.cumsum(sizes, 0) - sizes
+        for loader, start in zip(loaders, self.shard_starts.tolist()):
+            loader.x = self.shards_x[start:start + loader.size]
+            loader.y = self.shards_y[start:start + loader.size]
         dtype = header_dtype(n)
         emulators = emulators or [None] * n
         self.workers = [Worker(i, policies[i], stragglers[i], loaders[i], self.parameters[i],
@@ -401,15 +428,14 @@ class VirtualCluster:
         if worker.needs_gradient:
             self._compute_gradients()
         k, selection, x = worker.k, worker.selection, worker.x
-        mix = torch.mul(x, selection.self_weight, out=self._mix)
+        x.mul_(selection.self_weight)  # in place: every payload is a copy, never x
         used, averaged, staleness = [], [], []
         for (index, slot), weight in zip(selection.slots, selection.weights):
-            mix.add_(worker.payloads[index][slot], alpha=weight)
+            x.add_(worker.payloads[index][slot], alpha=weight)
             record = worker.headers[index, slot].copy()
             used.append((index, slot, record))
             averaged.append(worker.in_neighbours[index])
             staleness.append(k - int(record["iteration"]))
-        x.copy_(mix)
         worker.policy.mixed(used, k)
         scale = worker.policy.step_scale()
         self._local_step(worker, scale)
@@ -443,9 +469,12 @@ class VirtualCluster:
             self.pending = list(self.workers)
             self._compute_gradients()
             end = now + max(w.compute for w in self.workers) + allreduce
-            self.gradients[:] = self.gradients.sum(0) / self.n
+            # Every worker holds the same x and lr and steps with the mean gradient:
+            # one step, copied to all.
+            self.gradients[0] = self.gradients.sum(0) / self.n
+            self._local_step(self.workers[0], 1.0)
+            self.parameters[1:] = self.parameters[0]
             for worker in self.workers:
-                self._local_step(worker, 1.0)
                 self._count(worker, end, end - now - worker.compute - self.timing.overhead_seconds,
                             0.0, [], [], 1.0)
             now = end
@@ -460,10 +489,12 @@ class VirtualCluster:
         for start in range(0, len(owing), WORKER_CHUNK):
             chunk = owing[start:start + WORKER_CHUNK]
             rows = torch.tensor([w.rank for w in chunk])
-            xs, ys = zip(*(next(w.loader) for w in chunk))
-            gradients, losses = self.stacked.gradients(self.parameters[rows], torch.stack(xs),
-                                                       torch.stack(ys))
-            self.gradients[rows] = gradients
+            batch = torch.cat([w.loader.next_positions() for w in chunk])
+            batch += self.shard_starts[rows].repeat_interleave(self.batch_size)
+            shape = (len(chunk), self.batch_size)
+            losses = self.stacked.gradients(
+                self.parameters, rows, self.shards_x[batch].view(*shape, *self.shards_x.shape[1:]),
+                self.shards_y[batch].view(shape), out=self.gradients)
             self.losses[rows.numpy()] = losses.numpy()
         for worker in owing:
             worker.needs_gradient = False
