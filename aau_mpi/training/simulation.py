@@ -430,9 +430,10 @@ class VirtualCluster:
         k, selection, x = worker.k, worker.selection, worker.x
         x.mul_(selection.self_weight)  # in place: every payload is a copy, never x
         used, averaged, staleness = [], [], []
+        window = worker.headers.copy() if selection.slots else None  # the headers mixed
         for (index, slot), weight in zip(selection.slots, selection.weights):
             x.add_(worker.payloads[index][slot], alpha=weight)
-            record = worker.headers[index, slot].copy()
+            record = window[index, slot]
             used.append((index, slot, record))
             averaged.append(worker.in_neighbours[index])
             staleness.append(k - int(record["iteration"]))
