@@ -313,9 +313,10 @@ def one_peer(n):
     return weights
 
 
-def recursion(n, iterations, lr, weights, batch_size=16, seed=0):
+def recursion(n, iterations, lr, weights, batch_size=16, seed=0, mean_gradient=False):
     """x_{k+1} = W_k x_k - lr G_k for softmax regression, in float64 numpy, with the
-    trainer's partition, loader seeds and initial model."""
+    trainer's partition, loader seeds and initial model; with `mean_gradient` every
+    row of G_k is the mean of the workers' gradients (allreduce)."""
     data = load_dataset("digits", {})
     parts = partition(data.y_train.numpy(), n, "iid", seed=seed)
     loaders = [shard_loader(data.x_train, data.y_train, parts[i], batch_size,
@@ -335,6 +336,8 @@ def recursion(n, iterations, lr, weights, batch_size=16, seed=0):
             p /= p.sum(1, keepdims=True)
             p[np.arange(len(y)), y] -= 1
             g[i] = np.concatenate([(p.T @ a).ravel(), p.sum(0)]) / len(y)
+        if mean_gradient:
+            g[:] = g.mean(0)
         x = weights(k) @ x - lr * g
     return x
 
@@ -402,6 +405,17 @@ def test_aau_lets_the_fast_workers_do_more_iterations_than_dpsgd(tmp_path):
     fast = {policy: min(np.delete(run["iterations"], 1)) for policy, run in runs.items()}
     assert fast["aau"] > 2 * fast["dpsgd"]
     assert runs["aau"]["seconds"] == pytest.approx(runs["dpsgd"]["seconds"], rel=0.05)
+
+
+def test_allreduce_equals_sgd_on_the_mean_gradient(tmp_path):
+    """The lock step: every worker computes its gradient on its own batch, then all
+    step with their mean (the simulator steps once and copies x to every row)."""
+    iterations = 30
+    simulator, summary = simulate(tmp_path, 4, "policy.name=allreduce", "topology.name=ring",
+                                  f"budget={{samples: {4 * 16 * (iterations - 1) + 1}}}")
+    assert summary["iterations"] == [iterations] * 4
+    expected = recursion(4, iterations, 0.05, lambda k: np.eye(4), mean_gradient=True)
+    assert np.abs(simulator.parameters.numpy() - expected).max() <= 1e-5
 
 
 def test_allreduce_keeps_every_worker_identical(tmp_path):
