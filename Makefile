@@ -106,9 +106,9 @@ bench-emulated: setup
 
 # The simulator's weak scaling to 1024 workers on two hardware profiles, its
 # overhead calibrated by bench-emulated's largest N (docs/simulator.md): the
-# plan docs/simulator.md reports (about 67 min here): from 256 workers up one
+# plan docs/simulator.md reports (59 min here): from 256 workers up one
 # seed, a tenth of the workers slower only, the rates tuned at 64, as the
-# issue's whole plan (bench/projection.py's defaults) would take about 3.3 h.
+# issue's whole plan (bench/projection.py's defaults) would take about 2.9 h.
 bench-projection: setup
 	$(PY) bench/projection.py --tune-ranks 16 64 --reduce-from 256 --reduced-seeds 1 \
 		--reduced-settings slow_tenth
