@@ -35,7 +35,7 @@ MPI_PYTEST = timeout -k 10 $(RUN_TIMEOUT) $(MPIEXEC) -n $(1) $(PY) -m mpi4py -m 
 	--with-mpi -m mpi -p no:cacheprovider --color=no -q -rs \
 	--timeout=$(TEST_TIMEOUT) --timeout-method=thread $(2)
 
-.PHONY: setup demo test test-fast test-unit test-scale test-mpi test-mpi-2 test-slurm bench bench-emulated bench-projection bench-stragglers soak clean
+.PHONY: setup demo test test-fast test-unit test-bench test-scale test-mpi test-mpi-2 test-slurm bench bench-emulated bench-projection bench-stragglers soak clean
 
 setup: $(VENV)/.installed
 
@@ -53,20 +53,26 @@ demo: setup
 	$(MPIEXEC) -n 4 $(PY) -m aau_mpi.train --config jobs/demo.yaml output.dir=$(DEMO_RUNS) name=dpsgd policy.name=dpsgd
 	$(PY) -m aau_mpi.plot $(DEMO_RUNS)/aau $(DEMO_RUNS)/dpsgd --out $(DEMO_RUNS)/plots
 
-test: test-unit test-scale test-mpi test-mpi-2 test-slurm
+test: test-unit test-bench test-scale test-mpi test-mpi-2 test-slurm
 
 test-fast: setup
 	timeout -k 10 $(RUN_TIMEOUT) $(PY) -m pytest -m "not mpi and not long" -q -rs --color=no \
 		-p no:cacheprovider --timeout=$(TEST_TIMEOUT) --ignore=tests/test_scale.py tests
 
 # Unit and launcher tests, those marked `long` too (kills, resizes, the short
-# soak, the benchmarks' quick runs). Each launcher test bounds its own jobs
-# (tests/launcher.py); --timeout is the backstop for the rest (tests that need
-# longer say so with mark.timeout).
+# soak). Each launcher test bounds its own jobs (tests/launcher.py); --timeout
+# is the backstop for the rest (tests that need longer say so with mark.timeout).
 test-unit: setup
 	timeout -k 10 1800 $(PY) -m pytest -m "not mpi" -q -rs --color=no \
 		-p no:cacheprovider --timeout=$(TEST_TIMEOUT) --durations=15 \
-		--ignore=tests/test_scale.py --ignore=tests/test_slurm.py tests
+		--ignore=tests/test_scale.py --ignore=tests/test_slurm.py \
+		--ignore=tests/test_bench.py tests
+
+# The benchmarks' quick runs (each a few real jobs, then its report) on their
+# own limit.
+test-bench: setup
+	timeout -k 10 900 $(PY) -m pytest -q -rs --color=no -p no:cacheprovider \
+		--timeout=$(TEST_TIMEOUT) --durations=5 tests/test_bench.py
 
 # The 64-rank launcher test on its own limit: starting 64 ranks (each imports
 # torch) is most of its time here.

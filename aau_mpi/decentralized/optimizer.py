@@ -90,8 +90,8 @@ def lbfgs_history_follows_the_mix(optimizer):
     """Around the mix: LBFGS's next curvature pair is (s, y) = (d * t, g - prev_flat_grad),
     its own last move against the gradient change since prev_flat_grad. The mix also
     moves x, a move LBFGS did not take: unless s carries it, y (which does) is paired
-    with the wrong displacement and the next step can blow up (a loss 600x its value
-    was seen at 4 ranks under aau). So the mix's move is added to d as mix / t, which
+    with the wrong displacement and the next step can blow up (at 4 ranks under aau a
+    rank's loss reached 188x its starting value). So the mix's move is added to d as mix / t, which
     makes d * t the whole move since prev_flat_grad (d and t are LBFGS's state-dict
     entries). Other optimizers keep no such pair: nothing is done for them."""
     state = (optimizer.state[optimizer.param_groups[0]["params"][0]]

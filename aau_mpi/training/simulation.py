@@ -98,7 +98,6 @@ class Timing:
                 "poll_seconds": POLL_FRACTION * self.step_seconds}
 
 
-
 class StackedModel:
     """One architecture applied to many flat parameter vectors at once.
 
@@ -115,6 +114,7 @@ class StackedModel:
         self.names = [name for name, _ in named]
         self.shapes = [p.shape for _, p in named]
         self.sizes = [p.numel() for _, p in named]
+        self.starts = np.cumsum([0, *self.sizes[:-1]]).tolist()  # in a flat vector
         self.layers = _dense_layers(module)
         self._gradients = vmap(grad(self._loss, has_aux=True))
         self._logits = vmap(self._forward, in_dims=(0, None))
@@ -161,13 +161,12 @@ class StackedModel:
             gradients, losses = self._gradients(parameters[rows], x, y)
             out[rows] = gradients
             return losses
-        starts = np.cumsum([0, *self.sizes[:-1]]).tolist()
         with torch.enable_grad():
             leaves = [piece.detach().requires_grad_() for piece in self._pieces(parameters[rows])]
             logits = self._dense_forward(leaves, x)
             losses = F.cross_entropy(logits.transpose(1, 2), y, reduction="none").mean(1)
             gradients = torch.autograd.grad(losses.sum(), leaves)
-        for start, size, shape, gradient in zip(starts, self.sizes, self.shapes, gradients):
+        for start, size, shape, gradient in zip(self.starts, self.sizes, self.shapes, gradients):
             out.narrow(1, start, size).view(-1, *shape).index_copy_(0, rows, gradient)
         return losses.detach()
 
