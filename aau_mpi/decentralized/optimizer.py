@@ -368,9 +368,12 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
                             "it while ranks are at different iterations (a deadlock): call it "
                             "inside the on_evaluation callback, or average a metric with "
                             "opt.average_metric(value), which never blocks")
+        # Every rank passed the evaluation's barrier: a rank missing here stopped inside it.
+        report = ("every rank is in this evaluation: one stopped inside it", [], None)
         return collectives.Averaged(self._survival.run, self.params, lambda: (
             collectives.global_average(self.membership.events_comm, self.params,
-                                       lambda: self.membership.waiting_in("an average"),
+                                       lambda: self.membership.waiting_in("an average",
+                                                                          lambda: report),
                                        self.poll_cap)))
 
     def average_metric(self, value):
